@@ -1,0 +1,1 @@
+"""fmnist: ANN vs CNN vs transfer learning on Fashion-MNIST, tracked in MLflow."""

@@ -1,0 +1,44 @@
+"""One registry from architecture name to builder, filled by `@register("name")` (timm's pattern).
+
+Builders take keyword arguments with defaults, so an experiment file or an Optuna trial passes `**params`
+straight through, and the builder's signature is the schema the config is checked against.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str):
+    def wrap(builder):
+        _REGISTRY[name] = builder
+        return builder
+    return wrap
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    if name not in _REGISTRY:
+        from fmnist.config import ConfigError
+        raise ConfigError(f"unknown architecture {name!r}; expected one of {', '.join(available())}")
+    return _REGISTRY[name]
+
+
+def builder_params(name: str) -> dict[str, type]:
+    """Each keyword parameter of the architecture's builder and its annotated type."""
+    sig = inspect.signature(_builder(name), eval_str=True)
+    return {p.name: p.annotation for p in sig.parameters.values()}
+
+
+def build_model(name: str, **params) -> nn.Module:
+    return _builder(name)(**params)
+
+
+from fmnist.models import ann, cnn  # noqa: E402,F401  (importing registers the builders)

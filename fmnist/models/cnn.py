@@ -1,0 +1,31 @@
+"""CNN: blocks of (conv-BN-ReLU) x convs_per_block, 2x2 max pooling and dropout; a linear head on the flat map."""
+from __future__ import annotations
+
+from torch import nn
+
+from fmnist.models import register
+from fmnist.models.layers import Normalize
+
+
+def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+
+
+@register("cnn")
+def cnn(widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 2, dropout: float = 0.25,
+        head_dropout: float = 0.3, num_classes: int = 10) -> nn.Module:
+    if not (0 <= dropout < 1 and 0 <= head_dropout < 1):
+        raise ValueError(f"model.dropout={dropout}, model.head_dropout={head_dropout}: expected values in [0, 1)")
+    if len(widths) > 4:
+        raise ValueError(f"model.widths={widths}: at most 4 blocks, each halves the 28 px image")
+    layers: list[nn.Module] = [Normalize()]
+    c_in = 1
+    for width in widths:
+        for i in range(convs_per_block):
+            layers += conv_bn(c_in if i == 0 else width, width)
+        layers += [nn.MaxPool2d(2), nn.Dropout(dropout)]
+        c_in = width
+    # Flatten rather than global pooling: where a feature sits (collar, sole, strap) tells garments apart.
+    side = 28 >> len(widths)
+    layers += [nn.Flatten(), nn.Dropout(head_dropout), nn.Linear(c_in * side * side, num_classes)]
+    return nn.Sequential(*layers)

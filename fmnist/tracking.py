@@ -1,0 +1,108 @@
+"""The only module that talks to MLflow: runs, params, metrics, dataset inputs, artifacts and models.
+
+Works with any MLFLOW_TRACKING_URI (the embedded sqlite:///mlflow.db default, or a server). Under `mlflow run`
+the run already exists (MLFLOW_RUN_ID) and is resumed rather than created.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import infer_signature
+
+from fmnist.config import Config
+from fmnist.data import Dataset
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so the run is closed as KILLED like after Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated(f"signal {signum}")
+
+
+class EpochLogger:
+    """Training callback: each epoch's metrics, with the epoch as MLflow step."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        mlflow.log_metrics(metrics, step=epoch)
+
+
+@contextmanager
+def tracked_run(cfg: Config):
+    """Start (or resume) a run and always end it: FINISHED, KILLED on Ctrl-C or SIGTERM, FAILED on an error."""
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(cfg.tracking.experiment)
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    run = mlflow.start_run(run_name=cfg.tracking.run_name)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def log_setup(cfg: Config, data: Dataset, runtime: str, n_params: int) -> None:
+    """The resolved config as params, the dataset splits as inputs, and tags saying where the run ran."""
+    mlflow.log_params({k: _param(v) for k, v in cfg.flat().items()})
+    mlflow.log_metric("params_count", n_params)
+    tags = {"architecture": cfg.model.arch, "device": runtime, "torch_version": torch.__version__,
+            "dataset_digest": data.digest}
+    commit = _git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    mlflow.set_tags(tags)
+    for context, x, y in (("train", data.x_train, data.y_train), ("validation", data.x_val, data.y_val),
+                          ("test", data.x_test, data.y_test)):
+        dataset = mlflow.data.from_numpy(x.numpy(), targets=y.numpy(), source=data.source,
+                                         name=f"fashion-mnist-{context}", digest=f"{data.digest}-{context}")
+        mlflow.log_input(dataset, context=context)
+
+
+def log_results(metrics: dict[str, float], report_dir: Path, seconds: float, best_epoch: int) -> None:
+    mlflow.log_metrics(metrics | {"train_seconds": seconds, "best_epoch": best_epoch})
+    mlflow.log_artifacts(str(report_dir), artifact_path="evaluation")
+
+
+def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
+    """Log the model so `mlflow.pyfunc.load_model(uri).predict(raw_uint8_images)` returns class logits.
+
+    pt2 (torch.export) needs an input example with batch >= 2 to keep the batch dimension dynamic.
+    """
+    model = model.cpu().eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    info = mlflow.pytorch.log_model(model, name="model", input_example=example,
+                                    signature=infer_signature(example, output))
+    return info.model_uri
+
+
+def load_model(uri: str):
+    return mlflow.pyfunc.load_model(uri)
+
+
+def _param(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None

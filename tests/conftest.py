@@ -1,0 +1,103 @@
+"""Shared fixtures: small generated IDX files and a real `mlflow server` on a free loopback port."""
+from __future__ import annotations
+
+import gzip
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fmnist.data import IMAGE_MAGIC, LABEL_MAGIC
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv running the tests: `mlflow` and `python` come from here
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int, compress: bool = True) -> Path:
+    header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    raw = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+    return path
+
+
+def synthetic(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable fake Fashion-MNIST, robust to the training augmentation (+-2 px shifts, horizontal flips).
+
+    Class k is a bright bar on noise: its row band is k // 2 (5 px apart), its length k % 2 (long or short,
+    both centred, so a flip keeps the class).
+    """
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+    for i, k in enumerate(labels):
+        row = 2 + 5 * (k // 2)
+        images[i, row:row + 3, (3, 10)[k % 2]:(25, 18)[k % 2]] = 220
+    return images, labels.astype(np.uint8)
+
+
+def write_dataset(directory: Path, n_train: int = 600, n_test: int = 200, compress: bool = True) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if compress else ""
+    for split, n, seed in (("train", n_train, 1), ("t10k", n_test, 2)):
+        images, labels = synthetic(n, seed)
+        write_idx(directory / f"{split}-images-idx3-ubyte{suffix}", images, IMAGE_MAGIC, compress)
+        write_idx(directory / f"{split}-labels-idx1-ubyte{suffix}", labels, LABEL_MAGIC, compress)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("fmnist-tiny"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server: sqlite backend, artifacts served by the server from a local directory."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
+        stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"mlflow server did not start on {uri}:\n{(root / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield uri
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture
+def tracking_env(mlflow_server, monkeypatch):
+    """Point this process and its children at the test server, with the venv's tools on PATH."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server)
+    yield mlflow_server

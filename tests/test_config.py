@@ -1,0 +1,82 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fmnist.config import EXPERIMENTS_DIR, ConfigError, load_config
+from fmnist.models import available
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("arch", ["ann", "cnn"])
+def test_experiment_files_load_and_override(arch, tmp_path):
+    cfg = load_config(arch)
+    assert cfg.model.arch == arch and cfg.model.params
+    cfg = load_config(arch, overrides=["train.epochs=2", "train.lr=1e-4", "model.dropout=0.5",
+                                       f"data.data_dir={tmp_path}", "tracking.run_name=x"])
+    assert (cfg.train.epochs, cfg.train.lr, cfg.model.params["dropout"]) == (2, 1e-4, 0.5)
+    assert isinstance(cfg.train.lr, float) and cfg.data.data_dir == str(tmp_path)
+    assert cfg.flat()["model.dropout"] == 0.5 and cfg.flat()["train.epochs"] == 2
+
+
+def test_list_values_become_tuples():
+    cfg = load_config("cnn", overrides=["model.widths=[8, 16]"])
+    assert cfg.model.params["widths"] == (8, 16)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.lr=-0.1", "train.lr=-0.1: expected a learning rate > 0"),
+    ("train.epochs=0", "train.epochs=0: expected an integer >= 1"),
+    ("train.epochs=2.5", "train.epochs=2.5: expected int"),
+    ("train.epochs=many", "train.epochs='many': expected int"),
+    ("data.data_dir=/does/not/exist", "data.data_dir='/does/not/exist': expected an existing directory"),
+    ("train.schedule=step", "train.schedule='step': expected onecycle or cosine"),
+    ("train.epocs=3", "unknown option 'train.epocs'"),
+    ("model.depth=3", "unknown option 'model.depth' for cnn; expected one of model.widths"),
+    ("model.widths=3", "model.widths=3: expected a non-empty list"),
+    ("model.arch=ann", "model.arch='ann', but the architecture asked for is 'cnn'"),
+    ("epochs", "expected section.key=value"),
+])
+def test_invalid_values_are_refused_with_the_option_named(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("cnn", overrides=[override])
+    assert message in str(e.value)
+
+
+def test_unknown_architecture_lists_the_valid_ones(tmp_path):
+    (tmp_path / "x.yaml").write_text("train: {epochs: 1}\n")
+    with pytest.raises(ConfigError, match="unknown architecture 'resnet'; expected one of ann, cnn"):
+        load_config("resnet", tmp_path / "x.yaml")
+    with pytest.raises(ConfigError, match="experiment file .*nope.yaml does not exist"):
+        load_config("cnn", tmp_path / "nope.yaml")
+
+
+def test_bad_experiment_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: [1\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config("cnn", bad)
+    bad.write_text("optimizer: {lr: 1}\n")
+    with pytest.raises(ConfigError, match="bad.yaml: unknown section 'optimizer'"):
+        load_config("cnn", bad)
+    bad.write_text("train: {lr: -1}\n")
+    with pytest.raises(ConfigError, match="train.lr=-1.0"):
+        load_config("cnn", bad)
+
+
+def test_every_architecture_has_an_experiment_file():
+    assert {p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")} >= set(available())
+
+
+@pytest.mark.parametrize("arch", ["ann", "cnn"])
+def test_mlproject_defaults_are_the_experiment_defaults(arch):
+    """MLproject parameters are typed and carry defaults; they must not drift from experiments/<arch>.yaml."""
+    entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][arch]
+    flat = load_config(arch).flat()
+    command = entry["command"]
+    for name, spec in entry["parameters"].items():
+        key = next(part.split("=")[0] for part in command.split() if part.endswith(f"={{{name}}}"))
+        default = yaml.safe_load(str(spec["default"])) if spec["default"] != "" else None
+        expected = flat[key]
+        assert (list(expected) if isinstance(expected, tuple) else expected) == default, (arch, name)

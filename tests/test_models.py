@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from fmnist.config import ConfigError
+from fmnist.models import available, build_model, builder_params
+from fmnist.models.layers import FMNIST_MEAN, FMNIST_STD, Normalize
+
+
+@pytest.mark.parametrize("arch", available())
+@pytest.mark.parametrize("shape", [(5, 28, 28), (5, 1, 28, 28)])
+def test_every_model_maps_raw_images_to_ten_logits(arch, shape):
+    torch.manual_seed(0)
+    model = build_model(arch).eval()
+    x = torch.randint(0, 256, shape, dtype=torch.uint8)
+    out = model(x)
+    assert out.shape == (5, 10) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_builders_take_their_parameters_from_keywords():
+    assert set(builder_params("cnn")) >= {"widths", "dropout", "convs_per_block"}
+    small = build_model("cnn", widths=(4, 8), convs_per_block=1)
+    large = build_model("cnn", widths=(8, 16), convs_per_block=2)
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(small) < count(large)
+    assert build_model("ann", widths=(7,))[3].num_features == 7
+
+
+def test_unknown_architecture_and_bad_values():
+    with pytest.raises(ConfigError, match="expected one of ann, cnn"):
+        build_model("vgg")
+    with pytest.raises(ValueError, match="model.dropout=1.5"):
+        build_model("ann", dropout=1.5)
+
+
+def test_normalize_standardises_raw_pixels():
+    x = torch.tensor([[[0, 255]]], dtype=torch.uint8).expand(1, 28, 2)
+    out = Normalize()(x)
+    assert out.shape == (1, 1, 28, 2)
+    assert out[0, 0, 0, 0].item() == pytest.approx(-FMNIST_MEAN / FMNIST_STD, rel=1e-5)
+    assert out[0, 0, 0, 1].item() == pytest.approx((1 - FMNIST_MEAN) / FMNIST_STD, rel=1e-5)
