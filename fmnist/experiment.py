@@ -33,8 +33,8 @@ def run_experiment(cfg: Config) -> str:
                                    history.epochs)
             tracking.log_results(metrics | {"best_val_accuracy": history.best_val_accuracy}, Path(tmp),
                                  history.seconds, history.best_epoch)
-        if cfg.tracking.log_model:
-            tracking.log_model(model, data.x_test[:2].numpy())
+        model_uri = tracking.log_model(model, data.x_test[:2].numpy()) if cfg.tracking.log_model else "not logged"
         print(f"test accuracy {metrics['test_accuracy']:.4f}  macro F1 {metrics['test_macro_f1']:.4f}  "
-              f"best epoch {history.best_epoch}  {history.seconds:.0f}s  run {run.info.run_id}", flush=True)
+              f"best epoch {history.best_epoch}  {history.seconds:.0f}s  run {run.info.run_id}  model {model_uri}",
+              flush=True)
         return run.info.run_id

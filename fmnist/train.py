@@ -104,6 +104,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, callbacks: list[Callb
     history, best_state, start = History(), None, time.perf_counter()
 
     for epoch in range(1, cfg.epochs + 1):
+        epoch_start = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=generator).to(rt.device)
         loss_sum = torch.zeros((), device=rt.device)
@@ -134,8 +135,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, callbacks: list[Callb
         if metrics["val_accuracy"] > history.best_val_accuracy:
             history.best_epoch, history.best_val_accuracy = epoch, metrics["val_accuracy"]
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        print(f"epoch {epoch:>3}/{cfg.epochs}  " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
-              flush=True)
+        print(f"epoch {epoch:>3}/{cfg.epochs}  " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+              + f"  {time.perf_counter() - epoch_start:.1f}s", flush=True)
         for cb in callbacks:
             cb.on_epoch_end(epoch, metrics)
         if cfg.patience and epoch - history.best_epoch >= cfg.patience:

@@ -1,0 +1,32 @@
+# Two commands for a newcomer: `make main` (set up, then train ann and cnn on the real data) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA := /usr/share/datasets/fashion-mnist
+EXPERIMENT ?= fmnist
+
+.PHONY: setup data main test bench
+setup: data $(VENV)/.installed
+
+# Debian's dataset-fashion-mnist package, when the files are missing and apt is usable (root or sudo).
+data:
+	@if [ ! -d $(DATA) ] && command -v apt-get >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ]; then $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "note: $(DATA) is missing and apt needs root; see README (Data)"; fi; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+main: setup
+	. $(VENV)/bin/activate && \
+	  mlflow run . -e ann --env-manager local --experiment-name $(EXPERIMENT) && \
+	  mlflow run . -e cnn --env-manager local --experiment-name $(EXPERIMENT)
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) benchmarks/throughput.py
