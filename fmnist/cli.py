@@ -6,6 +6,7 @@ import sys
 
 from fmnist.config import ConfigError, load_config
 from fmnist.data import DataError
+from fmnist.models.backbones import WeightsError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         from fmnist.experiment import run_experiment
 
         run_experiment(cfg)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, WeightsError) as e:
         print(f"fmnist: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,6 +1,7 @@
 """One tracked experiment end to end: data -> model -> fit -> test evaluation -> MLflow run."""
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from pathlib import Path
 
@@ -8,7 +9,9 @@ from fmnist import data as fdata
 from fmnist import tracking
 from fmnist.config import Config
 from fmnist.evaluate import write_report
+from fmnist.features import frozen_features
 from fmnist.models import build_model
+from fmnist.models.transfer import TransferNet
 from fmnist.train import fit, predict_logits, resolve_runtime
 
 
@@ -26,8 +29,20 @@ def run_experiment(cfg: Config) -> str:
 
     with tracking.tracked_run(cfg) as run:
         tracking.log_setup(cfg, data, runtime.describe(), n_params)
-        history = fit(model, data, cfg.train, callbacks=[tracking.EpochLogger()])
-        y_pred = predict_logits(model, data.x_test, runtime, cfg.train.eval_batch_size).argmax(1).numpy()
+        trained, train_data, train_cfg = model, data, cfg.train
+        if isinstance(model, TransferNet) and model.cut > 0:
+            # The frozen part's output never changes: compute (or read) it once, then train only the rest on it.
+            # The one augmentation that survives caching is a flipped copy of the training set.
+            features = frozen_features(model, data, runtime, flip=cfg.train.augment,
+                                       batch_size=cfg.train.eval_batch_size)
+            tracking.log_feature_extraction(features.seconds, features.cache_hit)
+            print(f"frozen {model.cut} of {len(model.stages)} stages: activations "
+                  f"{tuple(features.data.x_train.shape)} in {features.seconds:.0f}s "
+                  f"({'from the cache' if features.cache_hit else 'computed'})", flush=True)
+            trained, train_data = model.trained_part(), features.data
+            train_cfg = dataclasses.replace(cfg.train, augment=False)
+        history = fit(trained, train_data, train_cfg, callbacks=[tracking.EpochLogger()])
+        y_pred = predict_logits(trained, train_data.x_test, runtime, cfg.train.eval_batch_size).argmax(1).numpy()
         with tempfile.TemporaryDirectory() as tmp:
             metrics = write_report(Path(tmp), data.x_test.numpy(), data.y_test.numpy(), y_pred, data.classes,
                                    history.epochs)

@@ -73,6 +73,11 @@ def log_setup(cfg: Config, data: Dataset, runtime: str, n_params: int) -> None:
         mlflow.log_input(dataset, context=context)
 
 
+def log_feature_extraction(seconds: float, cache_hit: bool) -> None:
+    mlflow.log_metric("feature_seconds", seconds)
+    mlflow.set_tag("feature_cache", "hit" if cache_hit else "miss")
+
+
 def log_results(metrics: dict[str, float], report_dir: Path, seconds: float, best_epoch: int) -> None:
     mlflow.log_metrics(metrics | {"train_seconds": seconds, "best_epoch": best_epoch})
     mlflow.log_artifacts(str(report_dir), artifact_path="evaluation")

@@ -9,7 +9,7 @@ from fmnist.models import available
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("arch", ["ann", "cnn"])
+@pytest.mark.parametrize("arch", ["ann", "cnn", "transfer"])
 def test_experiment_files_load_and_override(arch, tmp_path):
     cfg = load_config(arch)
     assert cfg.model.arch == arch and cfg.model.params
@@ -69,7 +69,7 @@ def test_every_architecture_has_an_experiment_file():
     assert {p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")} >= set(available())
 
 
-@pytest.mark.parametrize("arch", ["ann", "cnn"])
+@pytest.mark.parametrize("arch", ["ann", "cnn", "transfer"])
 def test_mlproject_defaults_are_the_experiment_defaults(arch):
     """MLproject parameters are typed and carry defaults; they must not drift from experiments/<arch>.yaml."""
     entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][arch]

@@ -79,3 +79,28 @@ def test_interrupted_training_ends_its_run_killed(tracking_env, tiny_data, sig, 
     [run] = finished_runs(experiment)
     assert run.info.status == status
     assert run.info.end_time is not None
+
+
+def test_mlflow_run_transfer_logs_extraction_and_a_model_that_takes_raw_images(tracking_env, tiny_data, tmp_path,
+                                                                               monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a cold activation cache
+    cmd = ["mlflow", "run", str(ROOT), "-e", "transfer", "--env-manager", "local", "--experiment-name",
+           "e2e-transfer", "-P", "epochs=1", "-P", "batch_size=32", "-P", "resolution=32", "-P", "unfrozen_blocks=1",
+           "-P", f"data_dir={tiny_data}"]
+    for attempt in ("miss", "hit"):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+    runs = sorted(finished_runs("e2e-transfer"), key=lambda r: r.info.start_time)
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert [r.data.tags["feature_cache"] for r in runs] == ["miss", "hit"]
+    run = runs[-1]
+    p, m = run.data.params, run.data.metrics
+    assert (p["model.backbone"], p["model.mode"], p["model.resolution"], p["model.unfrozen_blocks"]) == \
+        ("efficientnet_lite0", "finetune", "32", "1")
+    assert p["model.pretrained"] == "True" and p["train.augment"] == "True"
+    assert m["feature_seconds"] >= 0 and m["test_accuracy"] > 0.2 and "test_macro_f1" in m
+
+    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    model = mlflow.pyfunc.load_model(next(x for x in logged if x.source_run_id == run.info.run_id).model_uri)
+    logits = np.asarray(model.predict(np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)))
+    assert logits.shape == (3, 10) and np.isfinite(logits).all()

@@ -41,4 +41,4 @@ def build_model(name: str, **params) -> nn.Module:
     return _builder(name)(**params)
 
 
-from fmnist.models import ann, cnn  # noqa: E402,F401  (importing registers the builders)
+from fmnist.models import ann, cnn, transfer  # noqa: E402,F401  (importing registers the builders)

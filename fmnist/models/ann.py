@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from fmnist.config import ConfigError
 from fmnist.models import register
 from fmnist.models.layers import Normalize
 
@@ -10,7 +11,7 @@ from fmnist.models.layers import Normalize
 @register("ann")
 def ann(widths: tuple[int, ...] = (512, 256), dropout: float = 0.2, num_classes: int = 10) -> nn.Module:
     if not 0 <= dropout < 1:
-        raise ValueError(f"model.dropout={dropout}: expected a value in [0, 1)")
+        raise ConfigError(f"model.dropout={dropout}: expected a value in [0, 1)")
     layers: list[nn.Module] = [Normalize(), nn.Flatten()]
     fan_in = 28 * 28
     for width in widths:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from fmnist.config import ConfigError
 from fmnist.models import register
 from fmnist.models.layers import Normalize
 
@@ -15,9 +16,9 @@ def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
 def cnn(widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 2, dropout: float = 0.25,
         head_dropout: float = 0.3, num_classes: int = 10) -> nn.Module:
     if not (0 <= dropout < 1 and 0 <= head_dropout < 1):
-        raise ValueError(f"model.dropout={dropout}, model.head_dropout={head_dropout}: expected values in [0, 1)")
+        raise ConfigError(f"model.dropout={dropout}, model.head_dropout={head_dropout}: expected values in [0, 1)")
     if len(widths) > 4:
-        raise ValueError(f"model.widths={widths}: at most 4 blocks, each halves the 28 px image")
+        raise ConfigError(f"model.widths={widths}: at most 4 blocks, each halves the 28 px image")
     layers: list[nn.Module] = [Normalize()]
     c_in = 1
     for width in widths:
