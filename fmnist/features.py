@@ -7,6 +7,7 @@ images themselves, so a different split, dataset or flip can never be served sta
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import os
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 from fmnist.data import Dataset, cache_dir
 from fmnist.models.transfer import TransferNet
 from fmnist.train import Runtime
+
+VERSION = 1  # part of every cache key: bump when the extraction itself changes, so old files are not reused
 
 
 @dataclass
@@ -39,7 +42,28 @@ def cache_path(model: TransferNet, rt: Runtime, images: torch.Tensor) -> Path | 
         return None
     precision = "fp32" if rt.autocast is None else str(rt.autocast).removeprefix("torch.")
     content = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()[:16]
-    return features_dir() / f"{model.cache_tag}-{precision}-{content}.pt"
+    return features_dir() / f"{model.cache_tag}-{precision}-{content}-v{VERSION}.pt"
+
+
+@torch.no_grad()
+def fold_batchnorm(frozen: nn.Module) -> nn.Module:
+    """A copy of an eval-mode network with each batch norm folded into the convolution before it.
+
+    Frozen batch norm is a fixed per-channel affine map, so scaling the conv's weights and adding a bias computes
+    the same thing without a pass over the activations: batch norm was a quarter of EfficientNet's CPU forward.
+    """
+    frozen = copy.deepcopy(frozen).eval()
+    for parent in list(frozen.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (bn_name, bn) in zip(children, children[1:]):
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.affine:
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+                conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias, requires_grad=False)
+                # timm's BatchNormAct2d also holds the activation that follows; keep it.
+                setattr(parent, bn_name, nn.Sequential(bn.drop, bn.act) if hasattr(bn, "act") else nn.Identity())
+    return frozen
 
 
 @torch.no_grad()
@@ -56,7 +80,7 @@ def frozen_features(model: TransferNet, data: Dataset, rt: Runtime, flip: bool =
                     batch_size: int = 256) -> Features:
     """The frozen part's output for every split (and a horizontally flipped copy of train when `flip`)."""
     start, hits = time.perf_counter(), []
-    frozen = model.frozen_part()
+    frozen = fold_batchnorm(model.frozen_part())
 
     def activations(name: str, images: torch.Tensor) -> torch.Tensor:
         path = cache_path(model, rt, images)

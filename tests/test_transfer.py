@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from fmnist import data as fdata
 from fmnist.config import ConfigError, TrainConfig
-from fmnist.features import frozen_features
+from fmnist.features import fold_batchnorm, frozen_features
 from fmnist.models import build_model
 from fmnist.models.backbones import WeightsError, load_backbone, torchvision_weights
 from fmnist.train import fit, resolve_runtime
@@ -43,6 +43,21 @@ def test_model_equals_trained_part_on_frozen_part_and_freezes_only_the_frozen_pa
     frozen = build_model("transfer", resolution=32, mode="frozen")
     assert frozen.cut == len(frozen.stages) and frozen.frozen_part()(x).shape == (4, 1280)
     assert build_model("transfer", resolution=32, mode="full").cut == 0
+
+
+@pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet18", "mobilenet_v3_large"])
+def test_folding_batch_norm_into_convolutions_changes_no_output(backbone):
+    torch.manual_seed(0)
+    frozen = build_model("transfer", backbone=backbone, pretrained=False, resolution=32, mode="frozen").eval()
+    frozen = frozen.frozen_part()
+    for bn in (m for m in frozen.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics far from 0/1
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-1, 1)
+    folded = fold_batchnorm(frozen)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), frozen(x), rtol=1e-4, atol=1e-4)
 
 
 def test_training_on_cached_features_leaves_frozen_weights_and_batch_norm_untouched(tiny_data, tmp_path,
