@@ -1,4 +1,4 @@
-# Two commands for a newcomer: `make main` (set up, then train ann and cnn on the real data) and `make test`.
+# Two commands for a newcomer: `make main` (set up, then train ann, cnn and transfer on the real data) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA := /usr/share/datasets/fashion-mnist
@@ -23,10 +23,12 @@ $(VENV)/.installed: pyproject.toml
 main: setup
 	. $(VENV)/bin/activate && \
 	  mlflow run . -e ann --env-manager local --experiment-name $(EXPERIMENT) && \
-	  mlflow run . -e cnn --env-manager local --experiment-name $(EXPERIMENT)
+	  mlflow run . -e cnn --env-manager local --experiment-name $(EXPERIMENT) && \
+	  mlflow run . -e transfer --env-manager local --experiment-name $(EXPERIMENT)
 
 test: setup
 	$(PY) -m pytest
 
 bench: setup
 	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/transfer.py

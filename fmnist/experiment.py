@@ -5,6 +5,8 @@ import dataclasses
 import tempfile
 from pathlib import Path
 
+import torch
+
 from fmnist import data as fdata
 from fmnist import tracking
 from fmnist.config import Config
@@ -21,14 +23,16 @@ def run_experiment(cfg: Config) -> str:
     Data and model are built before the run starts, so a bad dataset or option leaves no run behind.
     """
     data = fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the initial weights too: the same seed gives the same run
     model = build_model(cfg.model.arch, **cfg.model.params)
     runtime = resolve_runtime(cfg.train, model)
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"{cfg.model.arch}: {n_params:,} parameters on {runtime.describe()}; data {data.source} "
+    n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"{cfg.model.arch}: {n_params:,} parameters ({n_trained:,} trained) on {runtime.describe()}; data {data.source} "
           f"(train {len(data.y_train)}, validation {len(data.y_val)}, test {len(data.y_test)})", flush=True)
 
     with tracking.tracked_run(cfg) as run:
-        tracking.log_setup(cfg, data, runtime.describe(), n_params)
+        tracking.log_setup(cfg, data, runtime.describe(), n_params, n_trained)
         trained, train_data, train_cfg = model, data, cfg.train
         if isinstance(model, TransferNet) and model.cut > 0:
             # The frozen part's output never changes: compute (or read) it once, then train only the rest on it.

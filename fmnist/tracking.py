@@ -56,10 +56,10 @@ def tracked_run(cfg: Config):
         signal.signal(signal.SIGTERM, previous)
 
 
-def log_setup(cfg: Config, data: Dataset, runtime: str, n_params: int) -> None:
+def log_setup(cfg: Config, data: Dataset, runtime: str, n_params: int, n_trained: int) -> None:
     """The resolved config as params, the dataset splits as inputs, and tags saying where the run ran."""
     mlflow.log_params({k: _param(v) for k, v in cfg.flat().items()})
-    mlflow.log_metric("params_count", n_params)
+    mlflow.log_metrics({"params_count": n_params, "params_trained": n_trained})
     tags = {"architecture": cfg.model.arch, "device": runtime, "torch_version": torch.__version__,
             "dataset_digest": data.digest}
     commit = _git_commit()

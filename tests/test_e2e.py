@@ -99,6 +99,7 @@ def test_mlflow_run_transfer_logs_extraction_and_a_model_that_takes_raw_images(t
         ("efficientnet_lite0", "finetune", "32", "1")
     assert p["model.pretrained"] == "True" and p["train.augment"] == "True"
     assert m["feature_seconds"] >= 0 and m["test_accuracy"] > 0.2 and "test_macro_f1" in m
+    assert 0 < m["params_trained"] < m["params_count"]  # the frozen part is counted but not trained
 
     logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     model = mlflow.pyfunc.load_model(next(x for x in logged if x.source_run_id == run.info.run_id).model_uri)
