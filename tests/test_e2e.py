@@ -105,3 +105,20 @@ def test_mlflow_run_transfer_logs_extraction_and_a_model_that_takes_raw_images(t
     model = mlflow.pyfunc.load_model(next(x for x in logged if x.source_run_id == run.info.run_id).model_uri)
     logits = np.asarray(model.predict(np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)))
     assert logits.shape == (3, 10) and np.isfinite(logits).all()
+
+
+def test_same_seed_gives_the_same_run_whatever_the_global_random_state(tracking_env, tiny_data):
+    """Initial weights, split, shuffling and augmentation all follow train.seed, not whatever ran before."""
+    import torch
+
+    from fmnist.config import load_config
+    from fmnist.experiment import run_experiment
+
+    metrics = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # what an earlier computation in the same process leaves behind
+        cfg = load_config("cnn", overrides=["train.epochs=1", "model.widths=[8]", "tracking.log_model=false",
+                                            f"data.data_dir={tiny_data}", "tracking.experiment=e2e-seed"])
+        metrics.append(MlflowClient().get_run(run_experiment(cfg)).data.metrics)
+    for name in ("test_accuracy", "test_macro_f1", "best_val_accuracy", "val_loss"):
+        assert metrics[0][name] == metrics[1][name], name
