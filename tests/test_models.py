@@ -39,3 +39,19 @@ def test_normalize_standardises_raw_pixels():
     assert out.shape == (1, 1, 28, 2)
     assert out[0, 0, 0, 0].item() == pytest.approx(-FMNIST_MEAN / FMNIST_STD, rel=1e-5)
     assert out[0, 0, 0, 1].item() == pytest.approx((1 - FMNIST_MEAN) / FMNIST_STD, rel=1e-5)
+
+
+def test_fast_dropout_drops_p_scales_the_rest_and_follows_the_seed():
+    from fmnist.models.layers import Dropout
+
+    drop = Dropout(0.2)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    out = drop(x)
+    assert abs((out == 0).float().mean().item() - 0.2) < 0.005
+    assert out.unique().tolist() == pytest.approx([0.0, 1 / 0.8])
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), out)  # the same seed, the same mask
+    out.sum().backward()
+    assert torch.equal(x.grad, out.detach())  # gradients flow through kept elements only, scaled alike
+    assert torch.equal(drop.eval()(x), x)

@@ -5,7 +5,7 @@ from torch import nn
 
 from fmnist.config import ConfigError
 from fmnist.models import register
-from fmnist.models.layers import Normalize
+from fmnist.models.layers import Dropout, Normalize
 
 
 @register("ann")
@@ -15,7 +15,7 @@ def ann(widths: tuple[int, ...] = (512, 256), dropout: float = 0.2, num_classes:
     layers: list[nn.Module] = [Normalize(), nn.Flatten()]
     fan_in = 28 * 28
     for width in widths:
-        layers += [nn.Linear(fan_in, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        layers += [nn.Linear(fan_in, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True), Dropout(dropout)]
         fan_in = width
     layers.append(nn.Linear(fan_in, num_classes))
     return nn.Sequential(*layers)

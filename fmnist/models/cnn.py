@@ -5,7 +5,7 @@ from torch import nn
 
 from fmnist.config import ConfigError
 from fmnist.models import register
-from fmnist.models.layers import Normalize
+from fmnist.models.layers import Dropout, Normalize
 
 
 def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
@@ -24,9 +24,9 @@ def cnn(widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 2, dropo
     for width in widths:
         for i in range(convs_per_block):
             layers += conv_bn(c_in if i == 0 else width, width)
-        layers += [nn.MaxPool2d(2), nn.Dropout(dropout)]
+        layers += [nn.MaxPool2d(2), Dropout(dropout)]
         c_in = width
     # Flatten rather than global pooling: where a feature sits (collar, sole, strap) tells garments apart.
     side = 28 >> len(widths)
-    layers += [nn.Flatten(), nn.Dropout(head_dropout), nn.Linear(c_in * side * side, num_classes)]
+    layers += [nn.Flatten(), Dropout(head_dropout), nn.Linear(c_in * side * side, num_classes)]
     return nn.Sequential(*layers)
