@@ -23,11 +23,30 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--experiment", help="MLflow experiment name (same as tracking.experiment)")
     train.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="e.g. train.epochs=3 train.lr=0.001 model.widths=[64,128]")
+    comp = sub.add_parser("compare", help="compare the best run of each architecture (chosen by validation)")
+    comp.add_argument("--experiment", default="fmnist", help="MLflow experiment holding the runs (default: fmnist)")
+    comp.add_argument("--filter", default="", help="MLflow search filter, e.g. \"tags.study = 'v2'\"")
+    comp.add_argument("--select", default="best_val_accuracy",
+                      help="validation metric that picks each architecture's best run (default: best_val_accuracy)")
+    comp.add_argument("--out", default="outputs/comparison", help="directory for the report files")
+    srv = sub.add_parser("server", help="start an MLflow tracking server (sqlite store, artifacts served by it)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    srv.add_argument("--port", type=int, default=5000)
+    srv.add_argument("--root", default="mlflow-server", help="directory for mlflow.db and mlartifacts/")
+    srv.add_argument("--workers", type=int, default=1)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "compare":
+        return compare_command(args)
+    if args.command == "server":
+        from pathlib import Path
+
+        from fmnist.tracking import serve
+
+        serve(args.host, args.port, Path(args.root), args.workers)
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
@@ -44,6 +63,20 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fmnist: interrupted; the run was ended as KILLED", file=sys.stderr)
         return 130
+    return 0
+
+
+def compare_command(args) -> int:
+    from pathlib import Path
+
+    from fmnist.compare import compare
+
+    try:
+        markdown, run_id = compare(args.experiment, args.filter, args.select, Path(args.out))
+    except (LookupError, ValueError) as e:
+        print(f"fmnist compare: error: {e}", file=sys.stderr)
+        return 2
+    print(markdown + f"\nwritten to {args.out}; logged as run {run_id}")
     return 0
 
 

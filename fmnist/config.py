@@ -56,6 +56,7 @@ class TrackingConfig:
     experiment: str = "fmnist"  # MLflow experiment name
     run_name: str | None = None  # None: MLflow picks one
     log_model: bool = True  # log the trained model (mlflow.pytorch) with signature and input example
+    register: bool = True  # register the model as fmnist-<arch>; alias `champion` moves only on a better val accuracy
 
 
 @dataclass

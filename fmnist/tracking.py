@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -96,8 +97,62 @@ def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
     return info.model_uri
 
 
+CHAMPION = "champion"
+
+
+def register_model(model_uri: str, arch: str, val_accuracy: float) -> tuple[str, bool]:
+    """Register the logged model as `fmnist-<arch>`; move the `champion` alias to it only when its validation
+    accuracy beats the current champion's (never the test accuracy: that would select on the test set).
+
+    Returns the new version and whether it became the champion.
+    """
+    client, name = mlflow.MlflowClient(), f"fmnist-{arch}"
+    version = mlflow.register_model(model_uri, name).version
+    client.set_model_version_tag(name, version, "val_accuracy", f"{val_accuracy:.6f}")
+    try:
+        champion = float(client.get_model_version_by_alias(name, CHAMPION).tags["val_accuracy"])
+    except (mlflow.exceptions.MlflowException, KeyError, ValueError):
+        champion = float("-inf")  # no champion yet
+    if val_accuracy > champion:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return version, val_accuracy > champion
+
+
 def load_model(uri: str):
     return mlflow.pyfunc.load_model(uri)
+
+
+def finished_training_runs(experiment: str, filter_string: str = ""):
+    """The experiment's FINISHED runs that trained an architecture, as a pandas DataFrame (MLflow's search API)."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        raise LookupError(f"--experiment {experiment}: no such MLflow experiment at {mlflow.get_tracking_uri()}")
+    query = " and ".join(f for f in ("attributes.status = 'FINISHED'", filter_string) if f)
+    try:
+        return mlflow.search_runs([found.experiment_id], filter_string=query, output_format="pandas")
+    except mlflow.exceptions.MlflowException as e:
+        raise LookupError(f"--filter {filter_string!r}: MLflow refused it ({e.message})") from None
+
+
+def log_comparison(experiment: str, report_dir: Path, compared: dict[str, str], select: str) -> str:
+    """A `comparison` run holding the report, tagged with the id of each run it compared; returns its id."""
+    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the run exists already
+        mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name="comparison") as run:
+        mlflow.set_tags({"fmnist.kind": "comparison", "selected_by": select}
+                        | {f"compared.{arch}": run_id for arch, run_id in compared.items()})
+        mlflow.log_artifacts(str(report_dir), artifact_path="comparison")
+        return run.info.run_id
+
+
+def serve(host: str, port: int, root: Path, workers: int = 1) -> None:
+    """Replace this process with `mlflow server`: a sqlite store and artifacts served by the server, under root."""
+    root.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", str(workers),
+            "--backend-store-uri", f"sqlite:///{(root / 'mlflow.db').resolve()}",
+            "--artifacts-destination", str((root / "mlartifacts").resolve())]
+    print(" ".join(argv[2:]), flush=True)
+    os.execv(sys.executable, argv)
 
 
 def _param(value) -> str:

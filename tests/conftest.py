@@ -65,14 +65,12 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real tracking server: sqlite backend, artifacts served by the server from a local directory."""
+    """A real tracking server started by `fmnist server`: sqlite backend, artifacts served by the server."""
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, cwd=root)
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist", "server", "--port", str(port), "--root", str(root)],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
