@@ -85,7 +85,9 @@ def write_report(out_dir: Path, summary: pd.DataFrame, per_class: pd.DataFrame) 
     per_class_shown = per_class.map(lambda v: f"{v:.4f}")
     for column in (c for c in per_class.columns if "(points)" in c):
         per_class_shown[column] = per_class[column].map("{:+.2f}".format)
-    markdown = shown.to_markdown() + "\n\n" + per_class_shown.to_markdown() + "\n"
+    # disable_numparse: tabulate would otherwise re-read the formatted strings as numbers and drop the digits
+    markdown = (shown.to_markdown(disable_numparse=True) + "\n\n"
+                + per_class_shown.to_markdown(disable_numparse=True) + "\n")
     (out_dir / "comparison.md").write_text(markdown)
     summary.to_csv(out_dir / "comparison.csv")
     per_class.to_csv(out_dir / "per_class_f1.csv")
