@@ -118,10 +118,6 @@ def register_model(model_uri: str, arch: str, val_accuracy: float) -> tuple[str,
     return version, val_accuracy > champion
 
 
-def load_model(uri: str):
-    return mlflow.pyfunc.load_model(uri)
-
-
 def finished_training_runs(experiment: str, filter_string: str = ""):
     """The experiment's FINISHED runs that trained an architecture, as a pandas DataFrame (MLflow's search API)."""
     found = mlflow.get_experiment_by_name(experiment)

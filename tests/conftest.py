@@ -94,6 +94,9 @@ def mlflow_server(tmp_path_factory):
 def tracking_env(mlflow_server, monkeypatch):
     """Point this process and its children at the test server, with the venv's tools on PATH."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    # mlflow.set_experiment() in an in-process run exports MLFLOW_EXPERIMENT_ID; undone after each test so a later
+    # `mlflow run --experiment-name` does not see two experiments.
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.setenv("PATH", f"{BIN}{os.pathsep}{os.environ['PATH']}")
     import mlflow
 
