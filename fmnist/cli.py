@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from fmnist.config import ConfigError, load_config
 from fmnist.data import DataError
@@ -42,8 +43,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "compare":
         return compare_command(args)
     if args.command == "server":
-        from pathlib import Path
-
         from fmnist.tracking import serve
 
         serve(args.host, args.port, Path(args.root), args.workers)
@@ -67,8 +66,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def compare_command(args) -> int:
-    from pathlib import Path
-
     from fmnist.compare import compare
 
     try:

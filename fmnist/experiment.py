@@ -52,11 +52,14 @@ def run_experiment(cfg: Config) -> str:
                                    history.epochs)
             tracking.log_results(metrics | {"best_val_accuracy": history.best_val_accuracy}, Path(tmp),
                                  history.seconds, history.best_epoch)
-        model_uri = tracking.log_model(model, data.x_test[:2].numpy()) if cfg.tracking.log_model else "not logged"
-        if cfg.tracking.log_model and cfg.tracking.register:
-            version, champion = tracking.register_model(model_uri, cfg.model.arch, history.best_val_accuracy)
-            model_uri += f"  registered fmnist-{cfg.model.arch} v{version}" + (" (champion)" if champion else "")
+        model_note = "model not logged"
+        if cfg.tracking.log_model:
+            model_uri = tracking.log_model(model, data.x_test[:2].numpy())
+            model_note = f"model {model_uri}"
+            if cfg.tracking.register:
+                version, champion = tracking.register_model(model_uri, cfg.model.arch, history.best_val_accuracy)
+                model_note += f"  registered fmnist-{cfg.model.arch} v{version}" + " (champion)" * champion
         print(f"test accuracy {metrics['test_accuracy']:.4f}  macro F1 {metrics['test_macro_f1']:.4f}  "
-              f"best epoch {history.best_epoch}  {history.seconds:.0f}s  run {run.info.run_id}  model {model_uri}",
+              f"best epoch {history.best_epoch}  {history.seconds:.0f}s  run {run.info.run_id}  {model_note}",
               flush=True)
         return run.info.run_id

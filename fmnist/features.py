@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import os
 import time
@@ -80,7 +81,7 @@ def frozen_features(model: TransferNet, data: Dataset, rt: Runtime, flip: bool =
                     batch_size: int = 256) -> Features:
     """The frozen part's output for every split (and a horizontally flipped copy of train when `flip`)."""
     start, hits = time.perf_counter(), []
-    frozen = fold_batchnorm(model.frozen_part())
+    folded = functools.cache(lambda: fold_batchnorm(model.frozen_part()))  # copied and folded on the first miss only
 
     def activations(name: str, images: torch.Tensor) -> torch.Tensor:
         path = cache_path(model, rt, images)
@@ -88,7 +89,7 @@ def frozen_features(model: TransferNet, data: Dataset, rt: Runtime, flip: bool =
             hits.append(True)
             return torch.load(path, weights_only=True)
         hits.append(False)
-        out = extract(frozen, images, rt, batch_size, desc=f"features {name}")
+        out = extract(folded(), images, rt, batch_size, desc=f"features {name}")
         if path is not None:  # write then rename, so concurrent runs never read half a file
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
