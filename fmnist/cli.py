@@ -1,4 +1,5 @@
-"""Command line: `fmnist train --arch cnn [train.epochs=3 model.dropout=0.2 ...]`."""
+"""Command line: `fmnist train --arch cnn [train.epochs=3 ...]`, `fmnist study`, `fmnist compare`,
+`fmnist predict --model models:/fmnist-cnn@champion FILES...`, `fmnist server`."""
 from __future__ import annotations
 
 import argparse
@@ -24,12 +25,27 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--experiment", help="MLflow experiment name (same as tracking.experiment)")
     train.add_argument("overrides", nargs="*", metavar="section.key=value",
                        help="e.g. train.epochs=3 train.lr=0.001 model.widths=[64,128]")
+    study = sub.add_parser("study", help="train ann, cnn and transfer as nested runs of one parent run, then "
+                                         "compare exactly those (MLproject's main entry point)")
+    study.add_argument("--archs", default="ann,cnn,transfer", help="comma-separated (default: ann,cnn,transfer)")
+    study.add_argument("--epochs", type=int, default=0, help="epochs for every architecture (0: each one's default)")
+    study.add_argument("--data-dir", help="directory with the four Fashion-MNIST IDX files (same as data.data_dir)")
+    study.add_argument("--experiment", default="fmnist", help="MLflow experiment (default: fmnist; under `mlflow "
+                                                                "run`, the one it chose)")
+    study.add_argument("--out", default="outputs/comparison", help="directory for the comparison report")
+    study.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="applied to every architecture, e.g. train.seed=1 data.data_dir=DIR")
     comp = sub.add_parser("compare", help="compare the best run of each architecture (chosen by validation)")
-    comp.add_argument("--experiment", default="fmnist", help="MLflow experiment holding the runs (default: fmnist)")
+    comp.add_argument("--experiment", help="MLflow experiment holding the runs (default: the one `mlflow run` "
+                                           "chose, else fmnist)")
     comp.add_argument("--filter", default="", help="MLflow search filter, e.g. \"tags.study = 'v2'\"")
     comp.add_argument("--select", default="best_val_accuracy",
                       help="validation metric that picks each architecture's best run (default: best_val_accuracy)")
     comp.add_argument("--out", default="outputs/comparison", help="directory for the report files")
+    pred = sub.add_parser("predict", help="classify PNG/JPEG files (28x28) or .npy batches with a logged model")
+    pred.add_argument("--model", required=True, help="model URI, e.g. models:/fmnist-cnn@champion or runs:/ID/model")
+    pred.add_argument("files", nargs="+", metavar="FILE", help=".png, .jpg/.jpeg (one 28x28 image) or .npy "
+                                                                "(uint8, (N, 28, 28) or (28, 28))")
     srv = sub.add_parser("server", help="start an MLflow tracking server (sqlite store, artifacts served by it)")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
     srv.add_argument("--port", type=int, default=5000)
@@ -42,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "compare":
         return compare_command(args)
+    if args.command == "predict":
+        return predict_command(args)
     if args.command == "server":
         from fmnist.tracking import serve
 
@@ -52,11 +70,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.experiment:
         overrides.append(f"tracking.experiment={args.experiment}")
     try:
+        if args.command == "study":
+            from fmnist.experiment import run_study
+
+            archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+            if args.epochs:
+                overrides.append(f"train.epochs={args.epochs}")
+            markdown, parent = run_study(archs, overrides, args.experiment, Path(args.out))
+            print(f"{markdown}\nstudy run {parent}; report in {args.out}")
+            return 0
         cfg = load_config(args.arch, args.config, overrides)
         from fmnist.experiment import run_experiment
 
         run_experiment(cfg)
-    except (ConfigError, DataError, WeightsError) as e:
+    except (ConfigError, DataError, WeightsError, LookupError) as e:
         print(f"fmnist: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -67,13 +94,31 @@ def main(argv: list[str] | None = None) -> int:
 
 def compare_command(args) -> int:
     from fmnist.compare import compare
+    from fmnist.tracking import current_experiment
 
     try:
-        markdown, run_id = compare(args.experiment, args.filter, args.select, Path(args.out))
+        markdown, run_id = compare(args.experiment or current_experiment("fmnist"), args.filter, args.select,
+                                   Path(args.out))
     except (LookupError, ValueError) as e:
         print(f"fmnist compare: error: {e}", file=sys.stderr)
         return 2
     print(markdown + f"\nwritten to {args.out}; logged as run {run_id}")
+    return 0
+
+
+def predict_command(args) -> int:
+    from fmnist.predict import InputError, read_images
+    from fmnist.tracking import load_classifier
+
+    try:
+        images, names = read_images(args.files)
+        table = load_classifier(args.model).predict(images)
+    except (InputError, LookupError) as e:
+        print(f"fmnist predict: error: {e}", file=sys.stderr)
+        return 2
+    width = max(map(len, names))
+    for name, label, p in zip(names, table["class"], table["probability"]):
+        print(f"{name:<{width}}  {label:<12} {p:.3f}")
     return 0
 
 

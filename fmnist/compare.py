@@ -102,9 +102,11 @@ def write_report(out_dir: Path, summary: pd.DataFrame, per_class: pd.DataFrame) 
 
 
 def compare(experiment: str, filter_string: str = "", select: str = "best_val_accuracy",
-            out_dir: Path = Path("outputs/comparison")) -> tuple[str, str]:
-    """Build, write, print and log the comparison; returns (Markdown, id of the comparison run)."""
+            out_dir: Path = Path("outputs/comparison"), parent_run_id: str | None = None) -> tuple[str, str]:
+    """Build, write and log the comparison (nested under `parent_run_id` if given); returns (Markdown, the
+    comparison run's id)."""
     best = best_runs(tracking.finished_training_runs(experiment, filter_string), select)
     markdown = write_report(out_dir, summary_table(best), per_class_table(best))
-    run_id = tracking.log_comparison(experiment, out_dir, dict(zip(best.index, best["run_id"])), select)
+    run_id = tracking.log_comparison(experiment, out_dir, dict(zip(best.index, best["run_id"])), select,
+                                     parent_run_id)
     return markdown, run_id

@@ -9,7 +9,7 @@ import torch
 
 from fmnist import data as fdata
 from fmnist import tracking
-from fmnist.config import Config
+from fmnist.config import Config, load_config
 from fmnist.evaluate import write_report
 from fmnist.features import frozen_features
 from fmnist.models import build_model
@@ -17,7 +17,7 @@ from fmnist.models.transfer import TransferNet
 from fmnist.train import fit, predict_logits, resolve_runtime
 
 
-def run_experiment(cfg: Config) -> str:
+def run_experiment(cfg: Config, parent_run_id: str | None = None) -> str:
     """Train and evaluate one configuration, logging everything to one MLflow run; returns the run id.
 
     Data and model are built before the run starts, so a bad dataset or option leaves no run behind.
@@ -31,7 +31,7 @@ def run_experiment(cfg: Config) -> str:
     print(f"{cfg.model.arch}: {n_params:,} parameters ({n_trained:,} trained) on {runtime.describe()}; data {data.source} "
           f"(train {len(data.y_train)}, validation {len(data.y_val)}, test {len(data.y_test)})", flush=True)
 
-    with tracking.tracked_run(cfg) as run:
+    with tracking.tracked_run(cfg.tracking.experiment, cfg.tracking.run_name, parent_run_id) as run:
         tracking.log_setup(cfg, data, runtime.describe(), n_params, n_trained)
         trained, train_data, train_cfg = model, data, cfg.train
         if isinstance(model, TransferNet) and model.cut > 0:
@@ -63,3 +63,21 @@ def run_experiment(cfg: Config) -> str:
               f"best epoch {history.best_epoch}  {history.seconds:.0f}s  run {run.info.run_id}  {model_note}",
               flush=True)
         return run.info.run_id
+
+
+def run_study(archs: list[str], overrides: list[str], experiment: str, out_dir: Path) -> tuple[str, str]:
+    """The whole study in one parent run: each architecture as a nested run, then the comparison of exactly those.
+
+    Every configuration is validated before the first run starts. Returns (the comparison's Markdown, parent id).
+    """
+    from fmnist.compare import compare
+
+    configs = [load_config(arch, None, overrides) for arch in archs]
+    experiment = tracking.current_experiment(experiment)
+    with tracking.tracked_run(experiment, "study") as parent:
+        tracking.tag_study(archs)
+        for cfg in configs:
+            run_experiment(cfg, parent.info.run_id)
+        markdown, _ = compare(experiment, tracking.study_filter(parent.info.run_id), out_dir=out_dir,
+                              parent_run_id=parent.info.run_id)
+        return markdown, parent.info.run_id

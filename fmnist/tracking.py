@@ -9,16 +9,19 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import torch
-from mlflow.models import infer_signature
+from mlflow.models import ModelSignature, infer_signature
 
 from fmnist.config import Config
 from fmnist.data import Dataset
+from fmnist.predict import Classifier, export_network
 
 
 class Terminated(KeyboardInterrupt):
@@ -37,12 +40,21 @@ class EpochLogger:
 
 
 @contextmanager
-def tracked_run(cfg: Config):
-    """Start (or resume) a run and always end it: FINISHED, KILLED on Ctrl-C or SIGTERM, FAILED on an error."""
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(cfg.tracking.experiment)
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    run = mlflow.start_run(run_name=cfg.tracking.run_name)
+def tracked_run(experiment: str, run_name: str | None = None, parent_run_id: str | None = None):
+    """Start (or resume) a run and always end it: FINISHED, KILLED on Ctrl-C or SIGTERM, FAILED on an error.
+
+    Under `mlflow run` the run exists already (MLFLOW_RUN_ID) and is resumed, in its own experiment. With
+    `parent_run_id` the run is nested under that run, in the parent's experiment (a study's or a search's member).
+    """
+    experiment_id = None
+    if parent_run_id:
+        experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
+    elif not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(experiment)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
+    run = mlflow.start_run(run_name=run_name, experiment_id=experiment_id,
+                           nested=parent_run_id is not None, parent_run_id=parent_run_id)
     try:
         yield run
     except KeyboardInterrupt:
@@ -54,7 +66,8 @@ def tracked_run(cfg: Config):
     else:
         mlflow.end_run("FINISHED")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def log_setup(cfg: Config, data: Dataset, runtime: str, n_params: int, n_trained: int) -> None:
@@ -84,17 +97,44 @@ def log_results(metrics: dict[str, float], report_dir: Path, seconds: float, bes
     mlflow.log_artifacts(str(report_dir), artifact_path="evaluation")
 
 
-def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
-    """Log the model so `mlflow.pyfunc.load_model(uri).predict(raw_uint8_images)` returns class logits.
+class PyfuncClassifier(mlflow.pyfunc.PythonModel):
+    """The logged model: raw uint8 (N, 28, 28) images in, a table of class name and per-class probabilities out."""
 
-    pt2 (torch.export) needs an input example with batch >= 2 to keep the batch dimension dynamic.
+    def load_context(self, context):
+        self.classifier = Classifier(torch.export.load(context.artifacts["network"]).module())
+
+    def predict(self, context, model_input: np.ndarray, params=None):  # the hint: no MLflow input schema
+        return self.classifier.predict(model_input)
+
+
+def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
+    """Log the model as a pyfunc: `mlflow.pyfunc.load_model(uri).predict(raw_uint8_images)` gives class names and
+    probabilities. The network travels as a torch.export program, this package's code beside it.
     """
-    model = model.cpu().eval()
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(model, name="model", input_example=example,
-                                    signature=infer_signature(example, output))
+    network = export_network(model, example)
+    output = Classifier(network.module()).predict(example)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "network.pt2"
+        torch.export.save(network, path)
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=str(Path(__file__).with_name("pyfunc_model.py")), artifacts={"network": str(path)},
+            code_paths=[str(Path(__file__).parent)], input_example=example,
+            # Output schema only: MLflow's input enforcement would refuse a (28, 28) image and answer a float
+            # batch with a dump of the data; Classifier checks the input and says what it expected.
+            signature=ModelSignature(inputs=None, outputs=infer_signature(example, output).outputs),
+            # explicit, because inferring them loads the model once more in a subprocess
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                              "numpy", "pandas", "pyyaml"])
     return info.model_uri
+
+
+def load_classifier(model_uri: str):
+    """A logged or registered model (`models:/fmnist-cnn@champion`, `runs:/<id>/model`) as a pyfunc model."""
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (mlflow.exceptions.MlflowException, OSError) as e:
+        raise LookupError(f"--model {model_uri}: cannot load it from {mlflow.get_tracking_uri()} "
+                          f"({getattr(e, 'message', e)})") from None
 
 
 CHAMPION = "champion"
@@ -118,6 +158,17 @@ def register_model(model_uri: str, arch: str, val_accuracy: float) -> tuple[str,
     return version, val_accuracy > champion
 
 
+def current_experiment(default: str) -> str:
+    """The experiment of the run `mlflow run` created for this process (MLFLOW_RUN_ID), else `default`."""
+    run_id = os.environ.get("MLFLOW_RUN_ID")
+    return run_experiment_name(run_id) if run_id else default
+
+
+def run_experiment_name(run_id: str) -> str:
+    client = mlflow.MlflowClient()
+    return client.get_experiment(client.get_run(run_id).info.experiment_id).name
+
+
 def finished_training_runs(experiment: str, filter_string: str = ""):
     """The experiment's FINISHED runs that trained an architecture, as a pandas DataFrame (MLflow's search API)."""
     found = mlflow.get_experiment_by_name(experiment)
@@ -130,11 +181,19 @@ def finished_training_runs(experiment: str, filter_string: str = ""):
         raise LookupError(f"--filter {filter_string!r}: MLflow refused it ({e.message})") from None
 
 
-def log_comparison(experiment: str, report_dir: Path, compared: dict[str, str], select: str) -> str:
+def tag_study(archs: list[str]) -> None:
+    mlflow.set_tags({"fmnist.kind": "study", "study.architectures": ",".join(archs)})
+
+
+def study_filter(parent_run_id: str) -> str:
+    """The search filter that selects exactly the runs of one study (its children)."""
+    return f"tags.mlflow.parentRunId = '{parent_run_id}'"
+
+
+def log_comparison(experiment: str, report_dir: Path, compared: dict[str, str], select: str,
+                   parent_run_id: str | None = None) -> str:
     """A `comparison` run holding the report, tagged with the id of each run it compared; returns its id."""
-    if not os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run` the run exists already
-        mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name="comparison") as run:
+    with tracked_run(experiment, "comparison", parent_run_id) as run:
         mlflow.set_tags({"fmnist.kind": "comparison", "selected_by": select}
                         | {f"compared.{arch}": run_id for arch, run_id in compared.items()})
         mlflow.log_artifacts(str(report_dir), artifact_path="comparison")

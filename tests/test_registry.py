@@ -1,11 +1,18 @@
-"""The model registry on the real test server: every run registers, `champion` moves only on improvement."""
+"""The model registry on the real test server: every run registers, `champion` moves only on improvement, and
+the champion classifies raw images and files by its alias."""
+import subprocess
+import sys
+
 import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
+from PIL import Image
 
+from conftest import synthetic
 from fmnist import tracking
 from fmnist.config import load_config
+from fmnist.data import CLASSES
 from fmnist.experiment import run_experiment
 
 pytestmark = pytest.mark.slow
@@ -29,6 +36,35 @@ def test_training_registers_and_champion_moves_only_on_better_validation(trackin
     better, moved = tracking.register_model(model_uri, "ann", val + 0.01)
     assert moved and client.get_model_version_by_alias("fmnist-ann", "champion").version == better
 
-    model = mlflow.pyfunc.load_model("models:/fmnist-ann@champion")
-    logits = np.asarray(model.predict(np.random.default_rng(0).integers(0, 256, (2, 28, 28), dtype=np.uint8)))
-    assert logits.shape == (2, 10) and np.isfinite(logits).all()
+
+def predict(*args):
+    return subprocess.run([sys.executable, "-m", "fmnist", "predict", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_champion_loads_by_alias_and_predicts_files(tracking_env, tiny_data, tmp_path):
+    cfg = load_config("cnn", overrides=["train.epochs=4", "model.widths=[8,16]", f"data.data_dir={tiny_data}",
+                                        "tracking.experiment=predict"])
+    run_experiment(cfg)
+    images, labels = synthetic(6, seed=7)  # the learnable classes of the tiny set
+    model = mlflow.pyfunc.load_model("models:/fmnist-cnn@champion")
+    table = model.predict(images)
+    assert list(table.columns) == ["class", "probability", *CLASSES]
+    assert (table["class"] == [CLASSES[k] for k in labels]).mean() >= 0.5  # chance is 0.1
+    with pytest.raises(ValueError, match="dtype float64, expected uint8"):
+        model.predict(images / 255.0)
+
+    Image.fromarray(images[0]).save(tmp_path / "one.png")
+    np.save(tmp_path / "batch.npy", images[1:])
+    out = predict("--model", "models:/fmnist-cnn@champion", str(tmp_path / "one.png"), str(tmp_path / "batch.npy"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 6 and lines[0].startswith(str(tmp_path / "one.png"))
+    assert lines[0].split()[1:-1] == table["class"][0].split()  # the same answer as the pyfunc, with p in 0-1
+    assert 0.1 <= float(lines[0].split()[-1]) <= 1
+
+    np.save(tmp_path / "floats.npy", images / 255.0)
+    out = predict("--model", "models:/fmnist-cnn@champion", str(tmp_path / "floats.npy"))
+    assert out.returncode == 2 and f"{tmp_path / 'floats.npy'}: dtype float64, expected uint8" in out.stderr
+    out = predict("--model", "models:/fmnist-nope@champion", str(tmp_path / "one.png"))
+    assert out.returncode == 2 and "--model models:/fmnist-nope@champion: cannot load it" in out.stderr

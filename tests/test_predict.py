@@ -1,0 +1,82 @@
+"""Classifying raw images: input checks, file readers, and an exported network that answers like the model."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fmnist.data import CLASSES
+from fmnist.models import build_model
+from fmnist.predict import Classifier, InputError, check_images, export_network, read_images
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    return build_model("cnn", widths=[8, 16]).eval()
+
+
+def test_exported_network_matches_the_model_for_any_batch_size(cnn):
+    program = export_network(cnn, np.zeros((2, 28, 28), np.uint8)).module()
+    for n in (1, 5):
+        x = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
+        torch.testing.assert_close(program(x), cnn(x), atol=1e-5, rtol=1e-5)
+
+
+def test_classifier_answers_class_names_and_probabilities(cnn):
+    images = np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    table = Classifier(cnn).predict(images)
+    assert list(table.columns) == ["class", "probability", *CLASSES]
+    p = table[list(CLASSES)].to_numpy()
+    np.testing.assert_allclose(p.sum(1), 1, atol=1e-5)
+    assert table["class"].tolist() == [CLASSES[i] for i in p.argmax(1)]
+    np.testing.assert_allclose(table["probability"], p.max(1))
+    with torch.no_grad():
+        expected = cnn(torch.from_numpy(images)).softmax(1).numpy()
+    np.testing.assert_allclose(p, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("images,message", [
+    (np.zeros((2, 28, 28), np.float32), "dtype float32, expected uint8 pixel values 0-255"),
+    (np.full((2, 28, 28), 300), "dtype int64, expected uint8"),
+    (np.zeros((2, 28), np.uint8), "shape (2, 28), expected (N, 28, 28)"),
+    (np.zeros((2, 32, 32), np.uint8), "shape (2, 32, 32), expected (N, 28, 28)"),
+    (np.zeros((0, 28, 28), np.uint8), "with N >= 1"),
+])
+def test_wrong_shapes_and_dtypes_are_refused_with_what_was_expected(images, message):
+    with pytest.raises(InputError) as e:
+        check_images(images, "batch.npy")
+    assert message in str(e.value) and str(e.value).startswith("batch.npy: ")
+
+
+def test_accepted_forms_become_a_uint8_batch():
+    assert check_images(np.zeros((28, 28), np.uint8)).shape == (1, 28, 28)
+    assert check_images(np.zeros((3, 1, 28, 28), np.uint8)).shape == (3, 28, 28)
+    ints = check_images(np.full((2, 28, 28), 255, np.int64))  # what JSON from a REST client becomes
+    assert ints.dtype == np.uint8 and ints.max() == 255
+
+
+def test_read_images_from_png_jpeg_and_npy(tmp_path):
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "a.png")
+    Image.fromarray(picture).convert("RGB").save(tmp_path / "b.JPG")
+    np.save(tmp_path / "batch.npy", rng.integers(0, 256, (3, 28, 28), dtype=np.uint8))
+    images, names = read_images([tmp_path / "a.png", tmp_path / "b.JPG", tmp_path / "batch.npy"])
+    assert images.shape == (5, 28, 28) and images.dtype == np.uint8
+    assert names == [str(tmp_path / "a.png"), str(tmp_path / "b.JPG")] + [f"{tmp_path / 'batch.npy'}[{i}]"
+                                                                          for i in range(3)]
+    np.testing.assert_array_equal(images[0], picture)  # PNG is lossless; an RGB JPEG comes back grey
+
+
+def test_read_images_refuses_bad_files_by_name(tmp_path):
+    Image.fromarray(np.zeros((64, 48), np.uint8)).save(tmp_path / "big.png")
+    np.save(tmp_path / "floats.npy", np.zeros((2, 28, 28), np.float64))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "notes.txt").write_text("hello")
+    cases = {"big.png": "48x64 pixels, expected 28x28", "floats.npy": "dtype float64, expected uint8",
+             "broken.png": "not a readable image", "notes.txt": "unknown file type .txt",
+             "missing.png": "no such file"}
+    for name, message in cases.items():
+        with pytest.raises(InputError) as e:
+            read_images([tmp_path / name])
+        assert str(e.value).startswith(str(tmp_path / name)) and message in str(e.value), str(e.value)

@@ -1,0 +1,43 @@
+"""`mlflow run . -e main` against the real test server: three nested training runs, then a comparison of exactly
+those, with each model registered."""
+import subprocess
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_main_entry_point_trains_all_three_and_compares_exactly_its_runs(tracking_env, tiny_data, tmp_path,
+                                                                         monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the transfer activation cache
+    client = MlflowClient()
+    exp = client.create_experiment("study")
+    # An earlier run of the same experiment, better on validation: outside the study, so never compared.
+    decoy = client.create_run(exp, tags={"architecture": "cnn"}).info.run_id
+    client.log_metric(decoy, "best_val_accuracy", 0.999)
+    client.set_terminated(decoy, "FINISHED")
+
+    out = subprocess.run(["mlflow", "run", str(ROOT), "-e", "main", "--env-manager", "local", "--experiment-name",
+                          "study", "-P", "epochs=1", "-P", f"data_dir={tiny_data}"],
+                         capture_output=True, text=True, timeout=500)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [parent] = client.search_runs([exp], "tags.`fmnist.kind` = 'study'")
+    assert parent.info.status == "FINISHED" and parent.data.tags["study.architectures"] == "ann,cnn,transfer"
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    training = {r.data.tags["architecture"]: r for r in children if "architecture" in r.data.tags}
+    [comparison] = [r for r in children if r.data.tags.get("fmnist.kind") == "comparison"]
+    assert len(children) == 4 and set(training) == {"ann", "cnn", "transfer"}
+    assert all(r.info.status == "FINISHED" for r in children)
+    assert {k: v for k, v in comparison.data.tags.items() if k.startswith("compared.")} == \
+        {f"compared.{arch}": r.info.run_id for arch, r in training.items()}
+    assert decoy not in comparison.data.tags.values()
+    assert "comparison/comparison.md" in {a.path for a in client.list_artifacts(comparison.info.run_id,
+                                                                                "comparison")}
+    for arch, run in training.items():
+        [version] = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        assert version.name == f"fmnist-{arch}"
+        assert client.get_model_version_by_alias(f"fmnist-{arch}", "champion")  # every model has one
+    assert "| transfer" in out.stdout and "study run " + parent.info.run_id in out.stdout
