@@ -1,10 +1,11 @@
-# Two commands for a newcomer: `make main` (set up, then train ann, cnn and transfer on the real data) and `make test`.
+# Two commands for a newcomer: `make main` (set up, then the study: ann, cnn, transfer and their comparison on the
+# real data) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DATA := /usr/share/datasets/fashion-mnist
 EXPERIMENT ?= fmnist
 
-.PHONY: setup data main test bench
+.PHONY: setup data postgres main test bench
 setup: data $(VENV)/.installed
 
 # Debian's dataset-fashion-mnist package, when the files are missing and apt is usable (root or sudo).
@@ -15,20 +16,26 @@ data:
 	  else echo "note: $(DATA) is missing and apt needs root; see README (Data)"; fi; \
 	fi
 
+# PostgreSQL server binaries for the shared-study tests, which start their own server on 127.0.0.1.
+postgres:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null; then SUDO=sudo; else SUDO=none; fi; \
+	  if [ "$$SUDO" != none ]; then $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq postgresql-15 \
+	    || echo "note: postgresql-15 could not be installed; the PostgreSQL tests will be skipped"; fi; \
+	fi
+
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
 main: setup
-	. $(VENV)/bin/activate && \
-	  mlflow run . -e ann --env-manager local --experiment-name $(EXPERIMENT) && \
-	  mlflow run . -e cnn --env-manager local --experiment-name $(EXPERIMENT) && \
-	  mlflow run . -e transfer --env-manager local --experiment-name $(EXPERIMENT)
+	. $(VENV)/bin/activate && mlflow run . -e main --env-manager local --experiment-name $(EXPERIMENT)
 
-test: setup
+test: setup postgres
 	$(PY) -m pytest
 
 bench: setup
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/transfer.py
+	$(PY) benchmarks/compare.py

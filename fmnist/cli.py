@@ -9,22 +9,29 @@ from pathlib import Path
 from fmnist.config import ConfigError, load_config
 from fmnist.data import DataError
 from fmnist.models.backbones import WeightsError
+from fmnist.train import SearchError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fmnist.models import available
-
     parser = argparse.ArgumentParser(prog="fmnist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train, evaluate and log one architecture to MLflow",
                            description="Values resolve as: dataclass defaults, then the experiment file, then "
                                        "overrides. Example: fmnist train --arch cnn train.epochs=3")
-    train.add_argument("--arch", required=True, help=f"architecture: {', '.join(available())}")
-    train.add_argument("--config", help="experiment file (default: experiments/<arch>.yaml)")
-    train.add_argument("--data-dir", help="directory with the four Fashion-MNIST IDX files (same as data.data_dir)")
-    train.add_argument("--experiment", help="MLflow experiment name (same as tracking.experiment)")
-    train.add_argument("overrides", nargs="*", metavar="section.key=value",
-                       help="e.g. train.epochs=3 train.lr=0.001 model.widths=[64,128]")
+    add_run_options(train, "e.g. train.epochs=3 train.lr=0.001 model.widths=[64,128]")
+    tune = sub.add_parser("tune", help="Optuna search over experiments/<arch>.yaml's tune.space, trials as nested "
+                                       "runs; the best configuration is then retrained, tested and registered",
+                          description="Re-running the same command resumes the study; workers given the same "
+                                      "--storage and --study-name share it.")
+    add_run_options(tune, "the base configuration the search starts from")
+    for p in (train, tune):  # `fmnist train --n-trials N` is `fmnist tune` (MLproject's -P n_trials=N)
+        p.add_argument("--n-trials", type=int, help="trials the study should hold in all (tune.n_trials; "
+                                                    "0 = no search)")
+        p.add_argument("--timeout", type=float, help="seconds this worker searches at most (tune.timeout)")
+        p.add_argument("--storage", help="Optuna storage: sqlite:///optuna.db (default), postgresql://..., or a "
+                                         "journal file *.log (tune.storage)")
+        p.add_argument("--study-name", help="default: <experiment>-<arch> (tune.study_name)")
+        p.add_argument("--n-jobs", type=int, help="trials in parallel threads of this process (tune.n_jobs)")
     study = sub.add_parser("study", help="train ann, cnn and transfer as nested runs of one parent run, then "
                                          "compare exactly those (MLproject's main entry point)")
     study.add_argument("--archs", default="ann,cnn,transfer", help="comma-separated (default: ann,cnn,transfer)")
@@ -54,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_run_options(parser: argparse.ArgumentParser, overrides_help: str) -> None:
+    from fmnist.models import available
+
+    parser.add_argument("--arch", required=True, help=f"architecture: {', '.join(available())}")
+    parser.add_argument("--config", help="experiment file (default: experiments/<arch>.yaml)")
+    parser.add_argument("--data-dir", help="directory with the four Fashion-MNIST IDX files (same as data.data_dir)")
+    parser.add_argument("--experiment", help="MLflow experiment name (same as tracking.experiment)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help=overrides_help)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "compare":
@@ -69,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"data.data_dir={args.data_dir}")
     if args.experiment:
         overrides.append(f"tracking.experiment={args.experiment}")
+    for option in ("n_trials", "timeout", "storage", "study_name", "n_jobs"):
+        if getattr(args, option, None) not in (None, ""):
+            overrides.append(f"tune.{option}={getattr(args, option)}")
     try:
         if args.command == "study":
             from fmnist.experiment import run_study
@@ -80,10 +100,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{markdown}\nstudy run {parent}; report in {args.out}")
             return 0
         cfg = load_config(args.arch, args.config, overrides)
+        if args.command == "tune" or cfg.tune.n_trials:
+            if not cfg.tune.n_trials:
+                raise ConfigError("--n-trials (tune.n_trials) is 0: expected the number of trials the study should hold")
+            from fmnist.tune import tune
+
+            tune(args.arch, args.config, overrides)
+            return 0
         from fmnist.experiment import run_experiment
 
         run_experiment(cfg)
-    except (ConfigError, DataError, WeightsError, LookupError) as e:
+    except (ConfigError, DataError, WeightsError, LookupError, SearchError) as e:
         print(f"fmnist: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

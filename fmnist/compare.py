@@ -32,9 +32,10 @@ def best_runs(runs: pd.DataFrame, select: str = "best_val_accuracy") -> pd.DataF
     if select.startswith("test_"):
         raise ValueError(f"--select {select}: choosing by a test metric leaks the test set; use a validation "
                          "metric such as best_val_accuracy")
-    if runs.empty or column not in runs or "tags.architecture" not in runs:
-        raise ValueError(f"no finished training runs with metric {select!r} to compare")
-    runs = runs.dropna(subset=[column, "tags.architecture"])
+    needed = [column, "tags.architecture", "metrics.test_accuracy"]  # search trials have no test metrics
+    if runs.empty or not set(needed) <= set(runs.columns) or runs.dropna(subset=needed).empty:
+        raise ValueError(f"no finished training runs with metric {select!r} and test metrics to compare")
+    runs = runs.dropna(subset=needed)
     best = runs.loc[runs.groupby("tags.architecture")[column].idxmax()].set_index("tags.architecture")
     return best.loc[[a for a in ORDER if a in best.index] + sorted(set(best.index) - set(ORDER))]
 

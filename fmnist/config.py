@@ -60,22 +60,43 @@ class TrackingConfig:
 
 
 @dataclass
+class TuneConfig:
+    n_trials: int = 0  # trials the study should hold in all (0: no search); a re-run or another worker tops it up
+    timeout: float = 0  # seconds this worker searches before it stops; 0 = no limit
+    storage: str = "sqlite:///optuna.db"  # an SQLAlchemy URL (sqlite, postgresql://...) or a journal file *.log
+    study_name: str | None = None  # None: <experiment>-<arch>
+    n_jobs: int = 1  # trials run in parallel threads of this process
+    pruner: str = "median"  # median | hyperband | none, fed the per-epoch validation accuracy
+    seed: int = 0  # seeds the TPE sampler
+    retrain: bool = True  # then retrain the best configuration, test it once and register it
+    heartbeat: int = 60  # seconds between a running trial's heartbeats; a trial silent for 2x is failed and retried
+    space: dict = field(default_factory=dict)  # option -> {low, high[, log][, step]} or {choices: [...]}
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def flat(self) -> dict[str, object]:
-        """Every resolved value as `section.key`, the form logged as run params and accepted as overrides."""
+        """Every resolved value as `section.key`, the form logged as run params and accepted as overrides
+        (the search space, a mapping, is logged by the search itself)."""
         out = {}
         for section in dataclasses.fields(self):
             for key, value in dataclasses.asdict(getattr(self, section.name)).items():
+                if key == "space":
+                    continue
                 if key == "params":
                     out.update({f"model.{k}": v for k, v in value.items()})
                 else:
                     out[f"{section.name}.{key}"] = value
         return out
+
+
+SECTIONS = ("model", "data", "train", "tracking", "tune")
 
 
 def load_config(arch: str, path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
@@ -91,7 +112,7 @@ def load_config(arch: str, path: str | os.PathLike | None = None, overrides: lis
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, tracking)")
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, tracking, tune)")
     pairs = [(f"{s}.{k}", v, str(path)) for s, sec in doc.items() for k, v in _section(sec, s, path).items()]
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -112,18 +133,19 @@ def load_config(arch: str, path: str | os.PathLike | None = None, overrides: lis
                                   + ", ".join(f"model.{p}" for p in model_params))
             cfg.model.params[name] = _coerce(value, model_params[name], key, origin)
             continue
-        target = getattr(cfg, section) if section in ("data", "train", "tracking") else None
+        target = getattr(cfg, section) if section in SECTIONS[1:] else None
         types_ = {f.name: f.type for f in dataclasses.fields(target)} if target is not None else {}
         if name not in types_:
             valid = sorted(k for k in cfg.flat() if not k.startswith("model.")) + ["model.<builder parameter>"]
             raise ConfigError(f"{origin}: unknown option {key!r}; expected one of {', '.join(valid)}")
         setattr(target, name, _coerce(value, _resolve(types_[name]), key, origin))
     validate(cfg)
+    validate_space(cfg, arch, model_params)
     return cfg
 
 
 def validate(cfg: Config) -> None:
-    t, d = cfg.train, cfg.data
+    t, d, u = cfg.train, cfg.data, cfg.tune
     checks = [
         (t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs),
         (t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size),
@@ -140,15 +162,44 @@ def validate(cfg: Config) -> None:
          "auto, cpu, cuda or cuda:N", t.device),
         (0 < d.val_fraction < 1, "data.val_fraction", "a share in (0, 1)", d.val_fraction),
         (d.data_dir is None or Path(d.data_dir).is_dir(), "data.data_dir", "an existing directory", d.data_dir),
+        (u.n_trials >= 0, "tune.n_trials", "an integer >= 0 (0 = no search)", u.n_trials),
+        (u.timeout >= 0, "tune.timeout", "seconds >= 0 (0 = no limit)", u.timeout),
+        (u.n_jobs >= 1, "tune.n_jobs", "an integer >= 1", u.n_jobs),
+        (u.heartbeat >= 1, "tune.heartbeat", "seconds >= 1", u.heartbeat),
+        (u.pruner in ("median", "hyperband", "none"), "tune.pruner", "median, hyperband or none", u.pruner),
+        (bool(u.storage), "tune.storage", "an SQLAlchemy URL or a journal file *.log", u.storage),
     ]
     for ok, key, expected, value in checks:
         if not ok:
             raise ConfigError(f"{key}={value!r}: expected {expected}")
 
 
+def validate_space(cfg: Config, arch: str, model_params: dict) -> None:
+    """Each searched option must exist and have a range ({low, high[, log][, step]}) or {choices: [...]}."""
+    options = set(cfg.flat()) | {f"model.{p}" for p in model_params}
+    for key, spec in cfg.tune.space.items():
+        where = f"tune.space.{key}"
+        if key not in options or key.startswith("tune.") or key == "model.arch":
+            raise ConfigError(f"{where}: {key!r} is not a searchable option of {arch}; expected one of "
+                              + ", ".join(sorted(o for o in options if not o.startswith(("tune.", "model.arch")))))
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: expected {{low: .., high: ..}} or {{choices: [..]}}, got {spec!r}")
+        if "choices" in spec:
+            if set(spec) != {"choices"} or not isinstance(spec["choices"], list) or not spec["choices"]:
+                raise ConfigError(f"{where}: expected {{choices: [a, b, ...]}} with a non-empty list")
+            continue
+        low, high = spec.get("low"), spec.get("high")
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high))
+        if set(spec) - {"low", "high", "log", "step"} or not numbers or not low < high:
+            raise ConfigError(f"{where}: expected {{low: a, high: b}} with numbers a < b (and optional log: true "
+                              f"or step), got {spec!r}")
+        if spec.get("log") and low <= 0:
+            raise ConfigError(f"{where}: log: true needs low > 0, got low={low}")
+
+
 def _section(value, name: str, path: Path) -> dict:
-    if name not in ("model", "data", "train", "tracking"):
-        raise ConfigError(f"{path}: unknown section {name!r}; expected model, data, train or tracking")
+    if name not in SECTIONS:
+        raise ConfigError(f"{path}: unknown section {name!r}; expected one of {', '.join(SECTIONS)}")
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: section {name!r} must be a mapping of key: value")
     return value

@@ -22,6 +22,7 @@ from mlflow.models import ModelSignature, infer_signature
 from fmnist.config import Config
 from fmnist.data import Dataset
 from fmnist.predict import Classifier, export_network
+from fmnist.train import Pruned
 
 
 class Terminated(KeyboardInterrupt):
@@ -40,23 +41,31 @@ class EpochLogger:
 
 
 @contextmanager
-def tracked_run(experiment: str, run_name: str | None = None, parent_run_id: str | None = None):
+def tracked_run(experiment: str, run_name: str | None = None, parent_run_id: str | None = None,
+                tags: dict[str, str] | None = None, run_id: str | None = None):
     """Start (or resume) a run and always end it: FINISHED, KILLED on Ctrl-C or SIGTERM, FAILED on an error.
 
     Under `mlflow run` the run exists already (MLFLOW_RUN_ID) and is resumed, in its own experiment. With
     `parent_run_id` the run is nested under that run, in the parent's experiment (a study's or a search's member).
+    With `run_id` that existing run is resumed.
     """
     experiment_id = None
-    if parent_run_id:
+    if run_id:
+        os.environ.pop("MLFLOW_RUN_ID", None)  # else the next nested run would resume `mlflow run`'s run instead
+    elif parent_run_id:
         experiment_id = mlflow.MlflowClient().get_run(parent_run_id).info.experiment_id
     elif not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment)
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals can only be set there
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
-    run = mlflow.start_run(run_name=run_name, experiment_id=experiment_id,
+    run = mlflow.start_run(run_id=run_id, run_name=run_name, experiment_id=experiment_id, tags=tags,
                            nested=parent_run_id is not None, parent_run_id=parent_run_id)
     try:
         yield run
+    except Pruned:  # a search stopped this trial on purpose: finished early, not failed
+        mlflow.set_tag("trial_state", "PRUNED")
+        mlflow.end_run("FINISHED")
+        raise
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
@@ -70,7 +79,7 @@ def tracked_run(experiment: str, run_name: str | None = None, parent_run_id: str
             signal.signal(signal.SIGTERM, previous)
 
 
-def log_setup(cfg: Config, data: Dataset, runtime: str, n_params: int, n_trained: int) -> None:
+def log_setup(cfg: Config, data: Dataset, runtime: str, n_params: int, n_trained: int, inputs: bool = True) -> None:
     """The resolved config as params, the dataset splits as inputs, and tags saying where the run ran."""
     mlflow.log_params({k: _param(v) for k, v in cfg.flat().items()})
     mlflow.log_metrics({"params_count": n_params, "params_trained": n_trained})
@@ -80,11 +89,18 @@ def log_setup(cfg: Config, data: Dataset, runtime: str, n_params: int, n_trained
     if commit:
         tags["git_commit"] = commit
     mlflow.set_tags(tags)
+    if not inputs:
+        return
     for context, x, y in (("train", data.x_train, data.y_train), ("validation", data.x_val, data.y_val),
                           ("test", data.x_test, data.y_test)):
         dataset = mlflow.data.from_numpy(x.numpy(), targets=y.numpy(), source=data.source,
                                          name=f"fashion-mnist-{context}", digest=f"{data.digest}-{context}")
         mlflow.log_input(dataset, context=context)
+
+
+def log_trial_result(best_val_accuracy: float, seconds: float, best_epoch: int) -> None:
+    mlflow.log_metrics({"best_val_accuracy": best_val_accuracy, "train_seconds": seconds, "best_epoch": best_epoch})
+    mlflow.set_tag("trial_state", "COMPLETE")
 
 
 def log_feature_extraction(seconds: float, cache_hit: bool) -> None:
@@ -124,7 +140,7 @@ def log_model(model: torch.nn.Module, example: np.ndarray) -> str:
             signature=ModelSignature(inputs=None, outputs=infer_signature(example, output).outputs),
             # explicit, because inferring them loads the model once more in a subprocess
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                              "numpy", "pandas", "pyyaml"])
+                              "numpy", "pandas", "pyyaml", "tqdm"])
     return info.model_uri
 
 
@@ -179,6 +195,44 @@ def finished_training_runs(experiment: str, filter_string: str = ""):
         return mlflow.search_runs([found.experiment_id], filter_string=query, output_format="pandas")
     except mlflow.exceptions.MlflowException as e:
         raise LookupError(f"--filter {filter_string!r}: MLflow refused it ({e.message})") from None
+
+
+def search_run(experiment: str, run_name: str, existing_run_id: str | None):
+    """The search's parent run: the study's existing one (a resumed search, another worker) or a new one."""
+    if existing_run_id:
+        return tracked_run(experiment, run_id=existing_run_id)
+    return tracked_run(experiment, run_name)
+
+
+def tag_search(study_name: str, storage: str, space: dict) -> None:
+    mlflow.set_tags({"fmnist.kind": "search", "optuna.study": study_name, "optuna.storage": storage})
+    mlflow.log_dict(space, "search/space.yaml")
+
+
+def log_search(trials, best: dict | None, figures: dict) -> None:
+    """The study so far on the parent run: every trial as CSV, the best trial, Optuna's plots."""
+    import matplotlib.pyplot as plt
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trials.to_csv(Path(tmp) / "trials.csv", index=False)
+        mlflow.log_artifact(str(Path(tmp) / "trials.csv"), "search")
+    for name, figure in figures.items():
+        mlflow.log_figure(figure, f"search/{name}.png")
+        plt.close(figure)
+    counts = trials["state"].value_counts() if len(trials) else {}
+    mlflow.log_metrics({f"trials_{state.lower()}": int(n) for state, n in dict(counts).items()})
+    if best:
+        mlflow.log_metrics({"best_val_accuracy": best["value"], "best_trial": best["trial"]})
+        mlflow.log_dict(best, "search/best.json")
+        mlflow.set_tags({f"best.{k}": str(v) for k, v in best["params"].items()})
+
+
+def end_stale_run(run_id: str) -> None:
+    """The run of a trial whose worker died (SIGKILL, a lost machine) ends FAILED instead of RUNNING forever."""
+    client = mlflow.MlflowClient()
+    if client.get_run(run_id).info.status == "RUNNING":
+        client.set_tag(run_id, "trial_state", "STALE")
+        client.set_terminated(run_id, "FAILED")
 
 
 def tag_study(archs: list[str]) -> None:

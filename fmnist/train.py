@@ -18,6 +18,14 @@ from fmnist.config import TrainConfig
 from fmnist.data import Dataset
 
 
+class Pruned(Exception):
+    """Raised by an epoch callback to end training on purpose (a search pruned the trial): not an error."""
+
+
+class SearchError(RuntimeError):
+    """A search cannot go on (no trial completed); the message says why."""
+
+
 class Callback(Protocol):
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
 

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -102,3 +104,34 @@ def tracking_env(mlflow_server, monkeypatch):
 
     mlflow.set_tracking_uri(mlflow_server)
     yield mlflow_server
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL server on 127.0.0.1 in a temporary directory (`make test` installs postgresql-15)."""
+    initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not initdb:
+        pytest.skip("PostgreSQL server binaries not found under /usr/lib/postgresql (apt-get install postgresql-15; "
+                    "make test does it where apt is usable)")
+    bindir = initdb[-1].parent
+    root = Path(tempfile.mkdtemp(prefix="fmnist-pg-"))
+    as_postgres = []
+    if os.geteuid() == 0:  # initdb refuses to run as root
+        shutil.chown(root, "postgres")
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    port = free_port()
+
+    def pg(tool: str, *args: str) -> None:
+        out = subprocess.run([*as_postgres, str(bindir / tool), *args], capture_output=True, text=True, timeout=120)
+        if out.returncode:
+            pytest.fail(f"{tool} failed: {out.stdout[-2000:]}{out.stderr[-2000:]}")
+
+    pg("initdb", "-D", str(root / "data"), "-U", "fmnist", "--auth=trust", "-E", "UTF8")
+    pg("pg_ctl", "-D", str(root / "data"), "-l", str(root / "server.log"), "-w", "start",
+       "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1")
+    try:
+        pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "fmnist", "optuna")
+        yield f"postgresql://fmnist@127.0.0.1:{port}/optuna"
+    finally:
+        pg("pg_ctl", "-D", str(root / "data"), "-m", "fast", "stop")
+        shutil.rmtree(root, ignore_errors=True)

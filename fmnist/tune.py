@@ -1,0 +1,258 @@
+"""Optuna search over the `tune.space` of experiments/<arch>.yaml; each trial is a nested MLflow run.
+
+The only module that imports optuna. A study lives in an Optuna storage (default: the SQLite file optuna.db), so
+re-running the same command resumes it, and any number of workers, on any number of machines, can share it
+through one storage URL (postgresql://...). Running trials send heartbeats; a trial whose worker died is failed
+and queued again. `tune.n_trials` is the total the study should reach, whoever runs the trials. The first trial
+of a new study is the experiment's default configuration, so the search can only improve on it. When the study
+is done, its best configuration is retrained once, evaluated on the test set and registered.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import random
+import socket
+import time
+import warnings
+
+import optuna
+import sqlalchemy.exc
+import yaml
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
+
+from fmnist import data as fdata
+from fmnist import tracking
+from fmnist.config import Config, ConfigError, load_config
+from fmnist.experiment import run_experiment, run_trial
+from fmnist.train import Pruned, SearchError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial prints its own epochs
+# fail_stale_trials and the matplotlib plots are marked experimental; they are the documented way all the same
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)  # toward n_trials; FAIL is retried
+
+
+def tune(arch: str, config_path: str | None = None, overrides: list[str] = ()) -> str | None:
+    """Run (or join, or resume) the search; returns the retrained best run's id, None if another worker does it."""
+    cfg = load_config(arch, config_path, overrides)
+    if not cfg.tune.space:
+        raise ConfigError(f"tune.space of {arch} is empty: declare the search space in experiments/{arch}.yaml")
+    data = fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)  # bad data: no study, no run
+    study, created = open_study(cfg, arch)
+    experiment = tracking.current_experiment(cfg.tracking.experiment)
+    with tracking.search_run(experiment, f"search-{arch}", None if created else parent_run_of(study)) as parent:
+        if "mlflow_run_id" not in study.user_attrs:
+            study.set_user_attr("mlflow_run_id", parent.info.run_id)
+            tracking.tag_search(study.study_name, _redacted(cfg.tune.storage), cfg.tune.space)
+        objective = Objective(arch, config_path, list(overrides), cfg, data, parent.info.run_id)
+        if not enough(study, cfg.tune.n_trials):
+            study.optimize(objective, n_jobs=cfg.tune.n_jobs, timeout=cfg.tune.timeout or None, catch=(ConfigError,),
+                           callbacks=[lambda s, _: enough(s, cfg.tune.n_trials) and s.stop()])
+        trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
+        best = _best(study)
+        tracking.log_search(trials, best, _figures(study))
+        if best is None:
+            raise SearchError(f"study {study.study_name}: no trial completed, nothing to retrain")
+        summary = f"best trial {best['trial']}: validation accuracy {best['value']:.4f} with {best['params']}"
+        if not cfg.tune.retrain or not claim_retrain(study):
+            print(summary + (f"; retrained by {study.user_attrs['retrained_by']}" if cfg.tune.retrain else ""))
+            return None
+        winner = load_config(arch, config_path, [*overrides, *as_overrides(best["params"]),
+                                                 f"tracking.run_name={arch}-best"])
+        try:
+            run_id = run_experiment(winner, parent.info.run_id, data)
+        except BaseException:
+            study.set_user_attr("retrained_by", "")  # unclaimed: the next run of the command retrains
+            raise
+        study.set_user_attr("retrained_by", run_id)
+        print(f"{summary}; retrained and tested as run {run_id}")
+        return run_id
+
+
+def claim_retrain(study: optuna.Study) -> bool:
+    """Whether this worker retrains the winner. Workers that finish together may both claim it; the last write
+    wins, and the pause lets every claimant see it."""
+    if study.user_attrs.get("retrained_by"):  # another worker, or an earlier run of this command
+        return False
+    me = f"worker {socket.gethostname()}:{os.getpid()}"
+    study.set_user_attr("retrained_by", me)
+    time.sleep(1)
+    return study.user_attrs.get("retrained_by") == me
+
+
+class Objective:
+    """One trial: the base configuration plus the sampled values, trained as a nested run, pruned by epoch."""
+
+    def __init__(self, arch: str, config_path, overrides: list[str], cfg: Config, data, parent_run_id: str):
+        self.arch, self.config_path, self.overrides, self.cfg = arch, config_path, overrides, cfg
+        self.data, self.parent_run_id = data, parent_run_id
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        sampled = as_overrides({key: suggest(trial, key, spec) for key, spec in self.cfg.tune.space.items()})
+        cfg = load_config(self.arch, self.config_path, [*self.overrides, *sampled,
+                                                        f"tracking.run_name=trial-{trial.number}"])
+        print(f"trial {trial.number}: {trial.params}", flush=True)
+        try:
+            history = run_trial(cfg, self.data, self.parent_run_id, PruneOnEpoch(trial),
+                                tags={"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number),
+                                      "optuna.worker": f"{socket.gethostname()}:{os.getpid()}"},
+                                started=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+        except Pruned:
+            raise optuna.TrialPruned() from None
+        return history.best_val_accuracy
+
+
+class PruneOnEpoch:
+    """Training callback: each epoch's validation accuracy to Optuna, and stop when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial):
+        self.trial = trial
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.trial.report(metrics["val_accuracy"], epoch)
+        if self.trial.should_prune():
+            raise Pruned(f"trial {self.trial.number} pruned after epoch {epoch}")
+
+
+def open_study(cfg: Config, arch: str) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it when it exists; returns it and whether this worker created it. Safe when
+    several workers start at once: the storage lets exactly one create it."""
+    name = cfg.tune.study_name or f"{cfg.tracking.experiment}-{arch}"
+    where = f"tune.storage={cfg.tune.storage}"
+    storage = _retry(lambda: open_storage(cfg.tune.storage, cfg.tune.heartbeat), where)
+
+    def create(seed: int, load: bool) -> optuna.Study:
+        return optuna.create_study(
+            storage=storage, study_name=name, direction="maximize", load_if_exists=load,
+            # constant_liar: parallel workers do not all sample next to the same promising point
+            sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True), pruner=make_pruner(cfg.tune.pruner, cfg))
+
+    try:
+        study = _retry(lambda: create(cfg.tune.seed, load=False), where)
+    except optuna.exceptions.DuplicatedStudyError:
+        # resumed or joined: a seed of its own, or it would replay the samples already tried
+        return _retry(lambda: create(cfg.tune.seed + 1 + random.randrange(10**6), load=True), where), False
+    defaults = {k: _label(v) for k, v in cfg.flat().items() if k in cfg.tune.space and _inside(v, cfg.tune.space[k])}
+    study.enqueue_trial(defaults)
+    return study, True
+
+
+def parent_run_of(study: optuna.Study, wait: float = 120) -> str | None:
+    """The search's MLflow run, which the study's creator records; a worker that joins a new study waits for it."""
+    deadline = time.monotonic() + wait
+    while "mlflow_run_id" not in study.user_attrs and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return study.user_attrs.get("mlflow_run_id")  # None: the creator died first; this worker makes one
+
+
+def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
+    if url.endswith(".log"):  # a journal file: many processes on one file system; no heartbeat there
+        return JournalStorage(JournalFileBackend(url))
+    try:
+        return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                          heartbeat_stale_trial_callback=retry_stale_trial)
+    except sqlalchemy.exc.ArgumentError as e:
+        raise ConfigError(f"tune.storage={url}: not a database URL or a journal file *.log ({e})") from None
+    except ImportError:
+        raise ConfigError(f"tune.storage={_redacted(url)}: the database driver is not installed (psycopg[binary] "
+                          "for postgresql://, pymysql for mysql+pymysql://)") from None
+
+
+def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial whose worker stopped sending heartbeats (killed, crashed): its run ends FAILED, the trial reruns."""
+    if "mlflow_run_id" in trial.user_attrs:
+        tracking.end_stale_run(trial.user_attrs["mlflow_run_id"])
+    RetryHeartbeatStaleTrialCallback(max_retry=3)(study, trial)
+
+
+def enough(study: optuna.Study, n_trials: int) -> bool:
+    """Whether the study holds its n_trials (finished or running) with none queued; stale trials are failed and
+    queued again first. As many failed trials as requested ones also end the search: the space is likely broken."""
+    fail_stale_trials(study)
+    states = collections.Counter(t.state for t in study.get_trials(deepcopy=False))
+    return (states[TrialState.WAITING] == 0 and sum(states[s] for s in COUNTED) >= n_trials
+            or states[TrialState.FAIL] >= n_trials)
+
+
+def make_pruner(name: str, cfg: Config) -> optuna.pruners.BasePruner:
+    if name == "median":  # after 2 complete trials, stop a trial whose epoch is below the median of that epoch
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if name == "hyperband":
+        epochs = cfg.tune.space.get("train.epochs", {}).get("high", cfg.train.epochs)
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=epochs, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def suggest(trial: optuna.Trial, key: str, spec: dict):
+    if "choices" in spec:  # Optuna's choices are scalars: lists (widths) travel as their YAML text
+        return trial.suggest_categorical(key, [_label(c) for c in spec["choices"]])
+    low, high, log = spec["low"], spec["high"], bool(spec.get("log", False))
+    if all(isinstance(v, int) for v in (low, high, spec.get("step", 1))):
+        return trial.suggest_int(key, low, high, step=spec.get("step", 1), log=log)
+    return trial.suggest_float(key, float(low), float(high), step=spec.get("step"), log=log)
+
+
+def as_overrides(params: dict) -> list[str]:
+    return [f"{key}={value}" for key, value in params.items()]
+
+
+def _label(value):
+    if isinstance(value, (list, tuple)):
+        return yaml.safe_dump(list(value), default_flow_style=True).strip()
+    return value
+
+
+def _inside(value, spec: dict) -> bool:
+    if "choices" in spec:
+        return _label(value) in [_label(c) for c in spec["choices"]]
+    return isinstance(value, (int, float)) and spec["low"] <= value <= spec["high"]
+
+
+def _best(study: optuna.Study) -> dict | None:
+    try:
+        best = study.best_trial
+    except ValueError:  # no complete trial yet
+        return None
+    return {"trial": best.number, "value": best.value, "params": best.params}
+
+
+def _figures(study: optuna.Study) -> dict[str, object]:
+    """Optuna's matplotlib plots; importance needs two complete trials and more than one parameter."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as plots
+
+    figures = {}
+    for name, plot in (("optimization_history", plots.plot_optimization_history),
+                       ("param_importances", plots.plot_param_importances),
+                       ("parallel_coordinate", plots.plot_parallel_coordinate),
+                       ("intermediate_values", plots.plot_intermediate_values)):
+        try:
+            figures[name] = plot(study).figure
+        except (ValueError, RuntimeError, ZeroDivisionError) as e:
+            print(f"note: no {name} plot ({e})")
+    return figures
+
+
+def _redacted(url: str) -> str:
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except sqlalchemy.exc.ArgumentError:
+        return url  # a journal file path
+
+
+def _retry(make, what: str, attempts: int = 6):
+    """Workers that start together race to create tables and the study; the losers try again shortly after."""
+    for attempt in range(attempts):
+        try:
+            return make()
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+            if attempt == attempts - 1:
+                raise ConfigError(f"{what}: {str(e).splitlines()[0]}") from None
+            time.sleep(0.2 * 2 ** attempt + random.random() * 0.2)
+    raise AssertionError("unreachable")
+

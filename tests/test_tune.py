@@ -1,0 +1,152 @@
+"""Optuna search on tiny data against the real test server and real storages (SQLite files, PostgreSQL):
+nested runs and their states, pruning, resuming, several workers, and a worker killed mid-trial."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+pytestmark = pytest.mark.slow
+
+LR = "tune.space={train.lr: {low: 1.0e-7, high: 0.01, log: true}}"
+
+
+def tune_command(tiny_data, storage: str, study: str, n_trials: int, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "fmnist", "tune", "--arch", "ann", "--data-dir", str(tiny_data), "--experiment",
+            f"tune-{study}", "--storage", storage, "--study-name", study, "--n-trials", str(n_trials),
+            "model.widths=[16]", "train.epochs=3", "tune.heartbeat=1", LR, *overrides]
+
+
+def run(cmd, cwd, timeout=300):
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    return out
+
+
+def search_runs(study: str):
+    """(the parent run, the trial runs by trial number, the retrained best runs) of one search."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(f"tune-{study}")
+    runs = client.search_runs([experiment.experiment_id])
+    [parent] = [r for r in runs if r.data.tags.get("fmnist.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trials = Counter(r.data.tags["optuna.trial"] for r in children if "optuna.trial" in r.data.tags)
+    assert all(n == 1 for n in trials.values()), f"a trial logged more than one run: {trials}"
+    by_number = {int(r.data.tags["optuna.trial"]): r for r in children if "optuna.trial" in r.data.tags}
+    best = [r for r in children if "optuna.trial" not in r.data.tags]
+    return parent, by_number, best
+
+
+def states(storage: str, study: str) -> Counter:
+    return Counter(t.state for t in optuna.load_study(study_name=study, storage=storage).trials)
+
+
+def test_search_logs_nested_trials_prunes_and_retrains_the_best(tracking_env, tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=storage, study_name="states", direction="maximize")
+    for lr in (0.003, 0.005, 1e-7):  # the last learns nothing: below the median at its first epoch
+        study.enqueue_trial({"train.lr": lr})
+    out = run(tune_command(tiny_data, storage, "states", 3), tmp_path)
+
+    assert states(storage, "states") == {TrialState.COMPLETE: 2, TrialState.PRUNED: 1}
+    parent, trials, [best] = search_runs("states")
+    assert parent.info.status == "FINISHED" and parent.data.tags["optuna.study"] == "states"
+    assert parent.data.metrics["trials_complete"] == 2 and parent.data.metrics["trials_pruned"] == 1
+    assert [trials[n].data.tags["trial_state"] for n in range(3)] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert all(r.info.status == "FINISHED" for r in trials.values())
+    client = MlflowClient()
+    pruned_epochs = client.get_metric_history(trials[2].info.run_id, "val_accuracy")
+    assert len(pruned_epochs) < 3  # stopped before its last epoch
+    assert trials[0].data.params["train.lr"] == "0.003" and "test_accuracy" not in trials[0].data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
+    assert {"search/trials.csv", "search/optimization_history.png", "search/parallel_coordinate.png",
+            "search/best.json", "search/space.yaml"} <= artifacts
+    # The winner is retrained once, tested and registered, as a run of its own under the search.
+    winner = float(parent.data.tags["best.train.lr"])
+    assert float(best.data.params["train.lr"]) == winner and "test_accuracy" in best.data.metrics
+    assert client.search_model_versions(f"run_id = '{best.info.run_id}'")
+    assert f"retrained and tested as run {best.info.run_id}" in out.stdout
+
+
+def test_interrupted_search_resumes_to_the_requested_total(tracking_env, tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cmd = tune_command(tiny_data, storage, "resume", 3, "train.epochs=40", "tune.pruner=none")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while not _exists(storage, "resume") or states(storage, "resume")[TrialState.COMPLETE] < 1:
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    interrupted = states(storage, "resume")
+    assert interrupted[TrialState.COMPLETE] < 3 and interrupted[TrialState.RUNNING] == 0
+
+    run(cmd, tmp_path)  # the same command again
+    assert states(storage, "resume")[TrialState.COMPLETE] == 3
+    parent, trials, [best] = search_runs("resume")  # one parent across both invocations
+    assert parent.info.status == "FINISHED" and best.info.status == "FINISHED"
+    assert sum(r.data.tags.get("trial_state") == "COMPLETE" for r in trials.values()) == 3
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in trials.values())  # none left RUNNING
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_share_one_study_without_losing_or_repeating_trials(tracking_env, tiny_data, tmp_path, backend,
+                                                                        request):
+    storage = (f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite"
+               else request.getfixturevalue("postgres_url"))
+    study = f"workers-{backend}"
+    cmd = tune_command(tiny_data, storage, study, 6, "train.epochs=15", "train.threads=1", "tune.pruner=none")
+    workers = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]  # started together: both race to create the tables and the study
+    for worker in workers:
+        output = worker.communicate(timeout=400)[0]
+        assert worker.returncode == 0, output[-3000:]
+
+    trials = optuna.load_study(study_name=study, storage=storage).trials
+    finished = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert 6 <= len(finished) <= 7  # two trials can start at the very same moment; none is lost
+    assert len({t.number for t in trials}) == len(trials) and all(t.state != TrialState.RUNNING for t in trials)
+    parent, runs, best = search_runs(study)
+    assert sorted(runs) == sorted(t.number for t in trials)  # every trial exactly one run, under one parent
+    assert len({r.data.tags["optuna.worker"] for r in runs.values()}) == 2  # both workers did trials
+    assert len(best) == 1  # retrained once, by one of the two
+
+
+def test_killed_worker_trial_is_failed_and_retried(tracking_env, tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    hangs = subprocess.Popen(tune_command(tiny_data, storage, "killed", 2, "train.epochs=100000"), cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (_exists(storage, "killed") and states(storage, "killed")[TrialState.RUNNING]
+               and _trial_run_started("killed")):
+        assert time.time() < deadline and hangs.poll() is None, hangs.stdout.read()[-3000:]
+        time.sleep(0.3)
+    hangs.send_signal(signal.SIGKILL)
+    hangs.wait(timeout=30)
+    time.sleep(2.5)  # heartbeat 1 s: stale after 2 s of silence
+
+    run(tune_command(tiny_data, storage, "killed", 2, "train.epochs=2"), tmp_path)  # another worker
+    trials = optuna.load_study(study_name="killed", storage=storage).trials
+    assert Counter(t.state for t in trials) == {TrialState.FAIL: 1, TrialState.COMPLETE: 2}
+    [failed] = [t for t in trials if t.state == TrialState.FAIL]
+    [retried] = [t for t in trials if t.system_attrs.get("failed_trial") == failed.number]
+    assert retried.state == TrialState.COMPLETE and retried.params == failed.params
+    parent, runs, best = search_runs("killed")
+    assert runs[failed.number].info.status == "FAILED" and runs[failed.number].data.tags["trial_state"] == "STALE"
+    assert parent.info.status == "FINISHED" and len(best) == 1
+
+
+def _exists(storage: str, study: str) -> bool:
+    return os.path.exists(storage.removeprefix("sqlite:///")) and study in optuna.get_all_study_names(storage)
+
+
+def _trial_run_started(study: str) -> bool:
+    experiment = MlflowClient().get_experiment_by_name(f"tune-{study}")
+    return experiment is not None and any(
+        "optuna.trial" in r.data.tags for r in MlflowClient().search_runs([experiment.experiment_id]))
