@@ -140,12 +140,12 @@ def open_study(cfg: Config, arch: str) -> tuple[optuna.Study, bool]:
     return study, True
 
 
-def parent_run_of(study: optuna.Study, wait: float = 120) -> str | None:
+def parent_run_of(study: optuna.Study, wait: float = 10) -> str | None:
     """The search's MLflow run, which the study's creator records; a worker that joins a new study waits for it."""
     deadline = time.monotonic() + wait
     while "mlflow_run_id" not in study.user_attrs and time.monotonic() < deadline:
         time.sleep(0.5)
-    return study.user_attrs.get("mlflow_run_id")  # None: the creator died first; this worker makes one
+    return study.user_attrs.get("mlflow_run_id")  # None: made outside fmnist, or its creator died; make one
 
 
 def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
