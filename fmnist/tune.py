@@ -41,8 +41,8 @@ def tune(arch: str, config_path: str | None = None, overrides: list[str] = ()) -
     if not cfg.tune.space:
         raise ConfigError(f"tune.space of {arch} is empty: declare the search space in experiments/{arch}.yaml")
     data = fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)  # bad data: no study, no run
-    study, created = open_study(cfg, arch)
-    experiment = tracking.current_experiment(cfg.tracking.experiment)
+    experiment = tracking.current_experiment(cfg.tracking.experiment)  # `mlflow run --experiment-name` counts
+    study, created = open_study(cfg, cfg.tune.study_name or f"{experiment}-{arch}")
     with tracking.search_run(experiment, f"search-{arch}", None if created else parent_run_of(study)) as parent:
         if "mlflow_run_id" not in study.user_attrs:
             study.set_user_attr("mlflow_run_id", parent.info.run_id)
@@ -57,30 +57,31 @@ def tune(arch: str, config_path: str | None = None, overrides: list[str] = ()) -
         if best is None:
             raise SearchError(f"study {study.study_name}: no trial completed, nothing to retrain")
         summary = f"best trial {best['trial']}: validation accuracy {best['value']:.4f} with {best['params']}"
-        if not cfg.tune.retrain or not claim_retrain(study):
-            print(summary + (f"; retrained by {study.user_attrs['retrained_by']}" if cfg.tune.retrain else ""))
+        key = f"retrained_trial_{best['trial']}"  # a later, better trial (a longer re-run) is retrained again
+        if not cfg.tune.retrain or not claim_retrain(study, key):
+            print(summary + (f"; retrained by {study.user_attrs[key]}" if cfg.tune.retrain else ""))
             return None
         winner = load_config(arch, config_path, [*overrides, *as_overrides(best["params"]),
                                                  f"tracking.run_name={arch}-best"])
         try:
             run_id = run_experiment(winner, parent.info.run_id, data)
         except BaseException:
-            study.set_user_attr("retrained_by", "")  # unclaimed: the next run of the command retrains
+            study.set_user_attr(key, "")  # unclaimed: the next run of the command retrains
             raise
-        study.set_user_attr("retrained_by", run_id)
+        study.set_user_attr(key, f"run {run_id}")
         print(f"{summary}; retrained and tested as run {run_id}")
         return run_id
 
 
-def claim_retrain(study: optuna.Study) -> bool:
+def claim_retrain(study: optuna.Study, key: str) -> bool:
     """Whether this worker retrains the winner. Workers that finish together may both claim it; the last write
     wins, and the pause lets every claimant see it."""
-    if study.user_attrs.get("retrained_by"):  # another worker, or an earlier run of this command
+    if study.user_attrs.get(key):  # another worker, or an earlier run of this command
         return False
     me = f"worker {socket.gethostname()}:{os.getpid()}"
-    study.set_user_attr("retrained_by", me)
+    study.set_user_attr(key, me)
     time.sleep(1)
-    return study.user_attrs.get("retrained_by") == me
+    return study.user_attrs.get(key) == me
 
 
 class Objective:
@@ -117,10 +118,9 @@ class PruneOnEpoch:
             raise Pruned(f"trial {self.trial.number} pruned after epoch {epoch}")
 
 
-def open_study(cfg: Config, arch: str) -> tuple[optuna.Study, bool]:
+def open_study(cfg: Config, name: str) -> tuple[optuna.Study, bool]:
     """Create the study, or load it when it exists; returns it and whether this worker created it. Safe when
     several workers start at once: the storage lets exactly one create it."""
-    name = cfg.tune.study_name or f"{cfg.tracking.experiment}-{arch}"
     where = f"tune.storage={cfg.tune.storage}"
     storage = _retry(lambda: open_storage(cfg.tune.storage, cfg.tune.heartbeat), where)
 

@@ -80,3 +80,38 @@ def test_mlproject_defaults_are_the_experiment_defaults(arch):
         default = yaml.safe_load(str(spec["default"])) if spec["default"] != "" else None
         expected = flat[key]
         assert (list(expected) if isinstance(expected, tuple) else expected) == default, (arch, name)
+
+
+@pytest.mark.parametrize("space,message", [
+    ("{train.nope: {low: 1, high: 2}}", "tune.space.train.nope: 'train.nope' is not a searchable option of cnn"),
+    ("{train.lr: {low: 0.01, high: 0.001}}", "expected {low: a, high: b} with numbers a < b"),
+    ("{train.lr: {low: 0, high: 0.1, log: true}}", "log: true needs low > 0"),
+    ("{model.widths: {choices: []}}", "with a non-empty list"),
+    ("{train.lr: 0.01}", "expected {low: .., high: ..} or {choices: [..]}"),
+])
+def test_search_space_is_checked_against_the_architecture(space, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("cnn", overrides=[f"tune.space={space}"])
+    assert message in str(e.value)
+
+
+def test_every_shipped_search_space_is_valid_and_its_defaults_lie_inside():
+    for arch in ("ann", "cnn", "transfer"):
+        cfg = load_config(arch)
+        assert cfg.tune.space, arch
+        from fmnist.tune import _inside
+
+        flat = cfg.flat()
+        assert all(_inside(flat[key], spec) for key, spec in cfg.tune.space.items()), arch
+
+
+def test_tune_refuses_bad_options_before_any_study(tiny_data, tmp_path, capsys):
+    from fmnist.cli import main
+
+    base = ["tune", "--arch", "ann", "--data-dir", str(tiny_data)]
+    assert main(base) == 2
+    assert "--n-trials (tune.n_trials) is 0" in capsys.readouterr().err
+    assert main([*base, "--n-trials", "2", "--storage", "nosuchdb://x"]) == 2
+    assert "tune.storage=nosuchdb://x: not a database URL" in capsys.readouterr().err
+    assert main([*base, "--n-trials", "2", "tune.pruner=best"]) == 2
+    assert "tune.pruner='best': expected median, hyperband or none" in capsys.readouterr().err

@@ -44,6 +44,10 @@ def search_runs(study: str):
 
 
 def states(storage: str, study: str) -> Counter:
+    if storage.endswith(".log"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        storage = JournalStorage(JournalFileBackend(storage))
     return Counter(t.state for t in optuna.load_study(study_name=study, storage=storage).trials)
 
 
@@ -150,3 +154,16 @@ def _trial_run_started(study: str) -> bool:
     experiment = MlflowClient().get_experiment_by_name(f"tune-{study}")
     return experiment is not None and any(
         "optuna.trial" in r.data.tags for r in MlflowClient().search_runs([experiment.experiment_id]))
+
+
+def test_transfer_trials_reuse_the_cached_activations_and_a_journal_file_holds_the_study(tracking_env, tiny_data,
+                                                                                          tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    storage = str(tmp_path / "study.log")  # a journal file instead of a database
+    run([sys.executable, "-m", "fmnist", "tune", "--arch", "transfer", "--data-dir", str(tiny_data), "--experiment",
+         "tune-transfer", "--storage", storage, "--study-name", "transfer", "--n-trials", "2", "train.epochs=1",
+         "model.resolution=32", "model.unfrozen_blocks=1", "tune.retrain=false", LR], tmp_path)
+    assert states(storage, "transfer") == {TrialState.COMPLETE: 2}
+    _, trials, best = search_runs("transfer")
+    assert [trials[n].data.tags["feature_cache"] for n in (0, 1)] == ["miss", "hit"] and best == []
+
