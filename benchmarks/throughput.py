@@ -104,7 +104,7 @@ def main() -> None:
             rows.append((arch, batch, aug, ours.describe(), tutorial, tutorial_rt, fast))
             print(f"{arch}: tutorial {tutorial:.0f}, tutorial+rt {tutorial_rt:.0f}, fmnist {fast:.0f} images/s",
                   flush=True)
-    print(f"\n| arch | batch | augment | fmnist runtime | tutorial img/s | tutorial+runtime img/s | fmnist img/s "
+    print("\n| arch | batch | augment | fmnist runtime | tutorial img/s | tutorial+runtime img/s | fmnist img/s "
           f"| fmnist / tutorial | fmnist / tutorial+runtime |\n|---|---|---|---|---|---|---|---|---|")
     for arch, batch, aug, rt, a, b, c in rows:
         print(f"| {arch} | {batch} | {aug} | {rt} | {a:.0f} | {b:.0f} | {c:.0f} | {c / a:.2f}x | {c / b:.2f}x |")

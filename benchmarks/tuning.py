@@ -74,7 +74,7 @@ def main() -> None:
                              max(1, args.cores // workers), ["--timeout", "0", *args.overrides])
             rows.append(row)
             print(row, flush=True)
-    print(f"\n| arch | workers | pruner | trials | pruned | best val acc | search min | wall min | trials/min | epochs saved |")
+    print("\n| arch | workers | pruner | trials | pruned | best val acc | search min | wall min | trials/min | epochs saved |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {args.arch} | {r['workers']} | {r['pruner']} | {r['trials']} | {r['pruned']} | {r['best']:.4f} | "

@@ -1,10 +1,9 @@
 import gzip
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import synthetic, write_dataset, write_idx
+from conftest import synthetic, write_dataset
 from fmnist import data as fdata
 from fmnist.data import IMAGE_MAGIC, LABEL_MAGIC, DataError
 
