@@ -197,13 +197,6 @@ def finished_training_runs(experiment: str, filter_string: str = ""):
         raise LookupError(f"--filter {filter_string!r}: MLflow refused it ({e.message})") from None
 
 
-def search_run(experiment: str, run_name: str, existing_run_id: str | None):
-    """The search's parent run: the study's existing one (a resumed search, another worker) or a new one."""
-    if existing_run_id:
-        return tracked_run(experiment, run_id=existing_run_id)
-    return tracked_run(experiment, run_name)
-
-
 def tag_search(study_name: str, storage: str, space: dict) -> None:
     mlflow.set_tags({"fmnist.kind": "search", "optuna.study": study_name, "optuna.storage": storage})
     mlflow.log_dict(space, "search/space.yaml")

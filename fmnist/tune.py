@@ -43,7 +43,8 @@ def tune(arch: str, config_path: str | None = None, overrides: list[str] = ()) -
     data = fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)  # bad data: no study, no run
     experiment = tracking.current_experiment(cfg.tracking.experiment)  # `mlflow run --experiment-name` counts
     study, created = open_study(cfg, cfg.tune.study_name or f"{experiment}-{arch}")
-    with tracking.search_run(experiment, f"search-{arch}", None if created else parent_run_of(study)) as parent:
+    # the parent run: a new one for a new study, else the study's own (a resumed search, another worker)
+    with tracking.tracked_run(experiment, f"search-{arch}", run_id=None if created else parent_run_of(study)) as parent:
         if "mlflow_run_id" not in study.user_attrs:
             study.set_user_attr("mlflow_run_id", parent.info.run_id)
             tracking.tag_search(study.study_name, _redacted(cfg.tune.storage), cfg.tune.space)
