@@ -13,13 +13,13 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 
 from fmnist import data as fdata
 from fmnist.config import TrainConfig, load_config
-from fmnist.features import extract, fold_batchnorm
+from fmnist.features import extract
 from fmnist.models import build_model
-from fmnist.train import Runtime, resolve_runtime
+from fmnist.models.layers import fold_batchnorm
+from fmnist.train import Runtime, resolve_runtime, train_step
 
 
 def extraction_rate(frozen, images: torch.Tensor, rt: Runtime, batch: int) -> float:
@@ -34,19 +34,16 @@ def step_seconds(trained, inputs: torch.Tensor, labels: torch.Tensor, rt: Runtim
     """Seconds per optimizer step of `trained`, with `before` (the frozen part) run on each batch when given."""
     trained.train().to(memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
     opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-3)
+    scaler = torch.amp.GradScaler(enabled=False)
     for i in range(steps + 2):  # two warm-up steps
         if i == 2:
             start = time.perf_counter()
         j = (i * batch) % (len(labels) - batch)
         xb, yb = inputs[j:j + batch], labels[j:j + batch]
-        with rt.autocast_ctx():
-            if before is not None:
-                with torch.no_grad():
-                    xb = before(xb)
-            loss = F.cross_entropy(trained(xb).float(), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if before is not None:
+            with torch.no_grad(), rt.autocast_ctx():
+                xb = before(xb)
+        train_step(trained, xb, yb, opt, scaler, rt, label_smoothing=0.0)
     return (time.perf_counter() - start) / steps
 
 

@@ -1,30 +1,45 @@
-"""Command line: `fmnist train --arch cnn [train.epochs=3 ...]`, `fmnist study`, `fmnist compare`,
-`fmnist predict --model models:/fmnist-cnn@champion FILES...`, `fmnist server`."""
+"""Command line: `fmnist train --arch cnn [train.epochs=3 ...]`, `tune`, `study`, `compare`,
+`predict --model models:/fmnist-cnn@champion FILES...`, `server`, `doctor`, `sync`.
+
+Bad input of any kind is one line on stderr and exit status 2; Ctrl-C exits 130 and SIGTERM 143, with the run
+ended KILLED.
+"""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
-from fmnist.config import ConfigError, load_config
-from fmnist.data import DataError
-from fmnist.models.backbones import WeightsError
-from fmnist.train import SearchError
+from fmnist.errors import ConfigError, UserError
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every run in flight is ended KILLED, then exit status 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated("SIGTERM")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fmnist", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fmnist", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train, evaluate and log one architecture to MLflow",
-                           description="Values resolve as: dataclass defaults, then the experiment file, then "
-                                       "overrides. Example: fmnist train --arch cnn train.epochs=3")
-    add_run_options(train, "e.g. train.epochs=3 train.lr=0.001 model.widths=[64,128]")
+                           description="Values resolve as: defaults, then the experiment file, then overrides. "
+                                       "Example: fmnist train --arch cnn train.epochs=3")
+    train.add_argument("--dry-run", action="store_true", help="train and evaluate, log nothing (no MLflow)")
     tune = sub.add_parser("tune", help="Optuna search over experiments/<arch>.yaml's tune.space, trials as nested "
                                        "runs; the best configuration is then retrained, tested and registered",
                           description="Re-running the same command resumes the study; workers given the same "
                                       "--storage and --study-name share it.")
-    add_run_options(tune, "the base configuration the search starts from")
     for p in (train, tune):  # `fmnist train --n-trials N` is `fmnist tune` (MLproject's -P n_trials=N)
+        p.add_argument("--arch", required=True, help="architecture: ann, cnn or transfer (an unknown name lists the "
+                                                      "registered ones)")
+        p.add_argument("--config", help="experiment file (default: experiments/<arch>.yaml)")
+        p.add_argument("--data-dir", help="directory with the four Fashion-MNIST IDX files (same as data.data_dir)")
+        p.add_argument("--experiment", help="MLflow experiment name (same as tracking.experiment)")
         p.add_argument("--n-trials", type=int, help="trials the study should hold in all (tune.n_trials; "
                                                     "0 = no search)")
         p.add_argument("--timeout", type=float, help="seconds this worker searches at most (tune.timeout)")
@@ -32,9 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
                                          "journal file *.log (tune.storage)")
         p.add_argument("--study-name", help="default: <experiment>-<arch> (tune.study_name)")
         p.add_argument("--n-jobs", type=int, help="trials in parallel threads of this process (tune.n_jobs)")
+        p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                       help="e.g. train.epochs=3 train.lr=0.001 model.widths=[64,128]; an empty value means "
+                            "'not given'")
     study = sub.add_parser("study", help="train ann, cnn and transfer as nested runs of one parent run, then "
                                          "compare exactly those (MLproject's main entry point)")
     study.add_argument("--archs", default="ann,cnn,transfer", help="comma-separated (default: ann,cnn,transfer)")
+    study.add_argument("--seeds", default="", help="train every architecture once per seed: a count (3: seeds 0, 1, "
+                                                   "2, from train.seed) or a list (0,4,7); default: one seed")
     study.add_argument("--epochs", type=int, default=0, help="epochs for every architecture (0: each one's default)")
     study.add_argument("--data-dir", help="directory with the four Fashion-MNIST IDX files (same as data.data_dir)")
     study.add_argument("--experiment", default="fmnist", help="MLflow experiment (default: fmnist; under `mlflow "
@@ -58,95 +78,155 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=5000)
     srv.add_argument("--root", default="mlflow-server", help="directory for mlflow.db and mlartifacts/")
     srv.add_argument("--workers", type=int, default=1)
+    doctor = sub.add_parser("doctor", help="end FAILED the runs whose process died (still RUNNING), list the runs "
+                                           "kept locally while the tracking server was away")
+    doctor.add_argument("--experiment", help="only this experiment (default: all)")
+    sync = sub.add_parser("sync", help="send runs kept locally (the outbox) to their tracking store")
+    sync.add_argument("entries", nargs="*", metavar="DIR", help="outbox entries (default: all of them)")
     return parser
-
-
-def add_run_options(parser: argparse.ArgumentParser, overrides_help: str) -> None:
-    from fmnist.models import available
-
-    parser.add_argument("--arch", required=True, help=f"architecture: {', '.join(available())}")
-    parser.add_argument("--config", help="experiment file (default: experiments/<arch>.yaml)")
-    parser.add_argument("--data-dir", help="directory with the four Fashion-MNIST IDX files (same as data.data_dir)")
-    parser.add_argument("--experiment", help="MLflow experiment name (same as tracking.experiment)")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help=overrides_help)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "compare":
-        return compare_command(args)
-    if args.command == "predict":
-        return predict_command(args)
-    if args.command == "server":
-        from fmnist.tracking import serve
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as e:
+        print(f"fmnist {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("fmnist: terminated (SIGTERM); runs in flight were ended KILLED", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
+        print("fmnist: interrupted; runs in flight were ended KILLED", file=sys.stderr)
+        return 130
 
-        serve(args.host, args.port, Path(args.root), args.workers)
+
+def run_overrides(args) -> list[str]:
     overrides = list(args.overrides)
     if args.data_dir:
         overrides.append(f"data.data_dir={args.data_dir}")
-    if args.experiment:
+    if getattr(args, "experiment", None):
         overrides.append(f"tracking.experiment={args.experiment}")
     for option in ("n_trials", "timeout", "storage", "study_name", "n_jobs"):
         if getattr(args, option, None) not in (None, ""):
             overrides.append(f"tune.{option}={getattr(args, option)}")
-    try:
-        if args.command == "study":
-            from fmnist.experiment import run_study
+    return overrides
 
-            archs = [a.strip() for a in args.archs.split(",") if a.strip()]
-            if args.epochs:
-                overrides.append(f"train.epochs={args.epochs}")
-            markdown, parent = run_study(archs, overrides, args.experiment, Path(args.out))
-            print(f"{markdown}\nstudy run {parent}; report in {args.out}")
-            return 0
-        cfg = load_config(args.arch, args.config, overrides)
-        if args.command == "tune" or cfg.tune.n_trials:
-            if not cfg.tune.n_trials:
-                raise ConfigError("--n-trials (tune.n_trials) is 0: expected the number of trials the study should hold")
-            from fmnist.tune import tune
 
-            tune(args.arch, args.config, overrides)
-            return 0
-        from fmnist.experiment import run_experiment
+def tracker_for(cfg):
+    from fmnist.tracking import MLflowTracker
+    from fmnist.tracking.store import current_experiment
 
-        run_experiment(cfg)
-    except (ConfigError, DataError, WeightsError, LookupError, SearchError) as e:
-        print(f"fmnist: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fmnist: interrupted; the run was ended as KILLED", file=sys.stderr)
-        return 130
+    return MLflowTracker(current_experiment(cfg.tracking.experiment), cfg.tracking.heartbeat,
+                         cfg.tracking.outage_wait)
+
+
+def train_command(args) -> int:
+    from fmnist.config import load_config
+    from fmnist.pipeline import NullTracker, run_experiment
+
+    overrides = run_overrides(args)
+    cfg = load_config(args.arch, args.config, overrides)
+    if args.command == "tune" or cfg.tune.n_trials:
+        if not cfg.tune.n_trials:
+            raise ConfigError("--n-trials (tune.n_trials) is 0: expected the number of trials the study should hold")
+        from fmnist.tune import tune
+
+        tune(args.arch, args.config, overrides, tracker_for(cfg))
+        return 0
+    run_experiment(cfg, NullTracker() if args.dry_run else tracker_for(cfg))
+    return 0
+
+
+def study_command(args) -> int:
+    from fmnist.config import load_config
+    from fmnist.study import parse_seeds, run_study
+
+    overrides = run_overrides(args)
+    if args.epochs:
+        overrides.append(f"train.epochs={args.epochs}")
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    base = load_config(archs[0], None, overrides)
+    seeds = parse_seeds(args.seeds, base.train.seed)
+    markdown, parent = run_study(archs, seeds, overrides, tracker_for(base), Path(args.out))
+    print(f"{markdown}\nstudy run {parent}; report in {args.out}")
     return 0
 
 
 def compare_command(args) -> int:
     from fmnist.compare import compare
-    from fmnist.tracking import current_experiment
+    from fmnist.tracking import MLflowTracker
+    from fmnist.tracking.store import current_experiment
 
-    try:
-        markdown, run_id = compare(args.experiment or current_experiment("fmnist"), args.filter, args.select,
-                                   Path(args.out))
-    except (LookupError, ValueError) as e:
-        print(f"fmnist compare: error: {e}", file=sys.stderr)
-        return 2
+    tracker = MLflowTracker(args.experiment or current_experiment("fmnist"))
+    markdown, _, run_id = compare(tracker.experiment, tracker, args.filter, args.select, Path(args.out))
     print(markdown + f"\nwritten to {args.out}; logged as run {run_id}")
     return 0
 
 
 def predict_command(args) -> int:
-    from fmnist.predict import InputError, read_images
-    from fmnist.tracking import load_classifier
+    from mlflow.exceptions import MlflowException
 
+    from fmnist.predict import read_images
+    from fmnist.tracking.pyfunc import load_classifier
+
+    images, names = read_images(args.files)
     try:
-        images, names = read_images(args.files)
         table = load_classifier(args.model).predict(images)
-    except (InputError, LookupError) as e:
-        print(f"fmnist predict: error: {e}", file=sys.stderr)
-        return 2
+    except MlflowException as e:
+        raise ConfigError(f"--model {args.model}: {e.message}") from None
     width = max(map(len, names))
     for name, label, p in zip(names, table["class"], table["probability"]):
         print(f"{name:<{width}}  {label:<12} {p:.3f}")
     return 0
+
+
+def server_command(args) -> int:
+    from fmnist.tracking.server import serve
+
+    serve(args.host, args.port, Path(args.root), args.workers)
+    return 0
+
+
+def doctor_command(args) -> int:
+    import mlflow
+
+    from fmnist.tracking import store
+    from fmnist.tracking.sender import outbox_dir
+
+    store.configure_http()
+    store.check_reachable()
+    ids = None
+    if args.experiment:
+        found = mlflow.get_experiment_by_name(args.experiment)
+        if found is None:
+            raise ConfigError(f"--experiment {args.experiment}: no such experiment at {mlflow.get_tracking_uri()}")
+        ids = [found.experiment_id]
+    ended = store.end_stale_runs(ids)
+    for run_id, reason in ended:
+        print(f"ended run {run_id} FAILED: {reason}")
+    kept = sorted(p.parent for p in outbox_dir().glob("*/ops.json"))
+    for entry in kept:
+        print(f"kept locally, not yet sent: {entry} (send it with: fmnist sync {entry})")
+    print(f"{len(ended)} stale run{'s' * (len(ended) != 1)} ended, {len(kept)} outbox entr"
+          f"{'ies' if len(kept) != 1 else 'y'} waiting")
+    return 0
+
+
+def sync_command(args) -> int:
+    from fmnist.tracking.sender import outbox_dir, sync
+
+    entries = [Path(e) for e in args.entries] or sorted(p.parent for p in outbox_dir().glob("*/ops.json"))
+    for entry in entries:
+        print(f"sent run {sync(entry)} from {entry}")
+    if not entries:
+        print(f"nothing to send: {outbox_dir()} holds no runs")
+    return 0
+
+
+COMMANDS = {"train": train_command, "tune": train_command, "study": study_command, "compare": compare_command,
+            "predict": predict_command, "server": server_command, "doctor": doctor_command, "sync": sync_command}
 
 
 if __name__ == "__main__":

@@ -1,12 +1,20 @@
 """Typed configuration: one dataclass per concern, filled from experiments/<arch>.yaml, then `key=value` overrides.
 
-Resolution order (later wins): dataclass defaults -> experiment file -> overrides from the command line or
-MLproject parameters. Everything is validated once, here, before any data is read or any run is started.
+Where each default lives, once:
+- a model's hyperparameters: its builder's keyword defaults (fmnist/models/<arch>.py);
+- training, data, tracking and search settings shared by every architecture: the dataclasses below;
+- what each architecture must choose for itself (epochs, lr, batch size): its experiment file, which holds only
+  what differs from the two above (tests/test_config.py checks that it repeats no default). REQUIRED marks these.
+Resolution order (later wins): defaults -> experiment file -> overrides from the command line or MLproject
+parameters, where an empty value (`train.epochs=`) means "not given". Everything is validated here, the model's
+options by building it on the meta device, before any data is read or any run is started.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -14,11 +22,10 @@ from pathlib import Path
 
 import yaml
 
+from fmnist.errors import ConfigError
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the option and what was expected."""
+REQUIRED: typing.Any = None  # no default: the experiment file (or an override) must give the value
 
 
 @dataclass
@@ -30,15 +37,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     arch: str = "cnn"  # a name in the model registry (fmnist.models.available())
-    params: dict = field(default_factory=dict)  # keyword arguments of that architecture's builder
+    params: dict = field(default_factory=dict)  # keyword arguments of that architecture's builder, as given
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10  # maximum number of passes over the training split
-    batch_size: int = 256  # images per optimizer step
-    lr: float = 3e-3  # peak learning rate of the schedule
-    weight_decay: float = 5e-4  # AdamW decoupled weight decay
+    epochs: int = REQUIRED  # passes over the training split
+    batch_size: int = REQUIRED  # images per optimizer step
+    lr: float = REQUIRED  # peak learning rate of the schedule
+    weight_decay: float = 0.05  # AdamW decoupled weight decay
     label_smoothing: float = 0.1  # cross-entropy target smoothing, in [0, 1)
     schedule: str = "onecycle"  # onecycle | cosine
     warmup: float = 0.2  # share of the steps spent warming up (onecycle's pct_start; linear warmup for cosine)
@@ -55,8 +62,10 @@ class TrainConfig:
 class TrackingConfig:
     experiment: str = "fmnist"  # MLflow experiment name
     run_name: str | None = None  # None: MLflow picks one
-    log_model: bool = True  # log the trained model (mlflow.pytorch) with signature and input example
+    log_model: bool = True  # log the trained model as an MLflow pyfunc (raw images in, classes out)
     register: bool = True  # register the model as fmnist-<arch>; alias `champion` moves only on a better val accuracy
+    heartbeat: float = 30  # seconds between a running run's heartbeats; a run silent for 3x is ended FAILED
+    outage_wait: float = 60  # seconds a finished run waits for an unreachable server before keeping its record locally
 
 
 @dataclass
@@ -80,19 +89,17 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    model_defaults: dict = field(default_factory=dict, repr=False)  # the builder's defaults, for flat()
 
     def flat(self) -> dict[str, object]:
-        """Every resolved value as `section.key`, the form logged as run params and accepted as overrides
-        (the search space, a mapping, is logged by the search itself)."""
-        out = {}
-        for section in dataclasses.fields(self):
-            for key, value in dataclasses.asdict(getattr(self, section.name)).items():
-                if key == "space":
-                    continue
-                if key == "params":
-                    out.update({f"model.{k}": v for k, v in value.items()})
-                else:
-                    out[f"{section.name}.{key}"] = value
+        """Every resolved value as `section.key` (the model's builder defaults included), the form logged as run
+        params and accepted as overrides (the search space, a mapping, is logged by the search itself)."""
+        out = {"model.arch": self.model.arch}
+        out.update({f"model.{k}": v for k, v in (self.model_defaults | self.model.params).items()})
+        for section in SECTIONS[1:]:
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                if key != "space":
+                    out[f"{section}.{key}"] = value
         return out
 
 
@@ -101,27 +108,12 @@ SECTIONS = ("model", "data", "train", "tracking", "tune")
 
 def load_config(arch: str, path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the experiment file (experiments/<arch>.yaml unless `path`), then `section.key=value`s."""
-    from fmnist.models import builder_params  # the registry knows each architecture's parameters
+    from fmnist.models import builder_defaults, builder_params  # raise with the list of architectures
 
-    cfg = Config(model=ModelConfig(arch=arch))
+    model_params = builder_params(arch)
+    cfg = Config(model=ModelConfig(arch=arch), model_defaults=builder_defaults(arch))
     path = Path(path) if path else EXPERIMENTS_DIR / f"{arch}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"experiment file {path} does not exist")
-    try:
-        doc = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(doc, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, tracking, tune)")
-    pairs = [(f"{s}.{k}", v, str(path)) for s, sec in doc.items() for k, v in _section(sec, s, path).items()]
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=3")
-        pairs.append((key.strip(), yaml.safe_load(text) if text.strip() else None, "the command line"))
-
-    model_params = builder_params(arch)  # raises with the list of architectures if the name is unknown
-    for key, value, origin in pairs:
+    for key, value, origin in read_experiment(path) + parse_overrides(overrides):
         section, _, name = key.partition(".")
         if key == "model.arch":
             if value != arch:
@@ -139,29 +131,61 @@ def load_config(arch: str, path: str | os.PathLike | None = None, overrides: lis
             valid = sorted(k for k in cfg.flat() if not k.startswith("model.")) + ["model.<builder parameter>"]
             raise ConfigError(f"{origin}: unknown option {key!r}; expected one of {', '.join(valid)}")
         setattr(target, name, _coerce(value, _resolve(types_[name]), key, origin))
-    validate(cfg)
+    validate(cfg, path)
     validate_space(cfg, arch, model_params)
+    check_model(cfg)
     return cfg
 
 
-def validate(cfg: Config) -> None:
-    t, d, u = cfg.train, cfg.data, cfg.tune
+def read_experiment(path: Path) -> list[tuple[str, object, str]]:
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} does not exist")
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, tracking, tune)")
+    return [(f"{s}.{k}", v, str(path)) for s, sec in doc.items() for k, v in _section(sec, s, path).items()]
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, object, str]]:
+    """`section.key=value`, the value read as YAML; `section.key=` (an unset MLproject parameter) is skipped."""
+    pairs = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=3")
+        if text.strip():
+            try:
+                pairs.append((key.strip(), yaml.safe_load(text), "the command line"))
+            except yaml.YAMLError:
+                raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+    return pairs
+
+
+def validate(cfg: Config, path: Path) -> None:
+    t, d, u, k = cfg.train, cfg.data, cfg.tune, cfg.tracking
+    for f in dataclasses.fields(t):
+        if getattr(t, f.name) is REQUIRED:
+            raise ConfigError(f"train.{f.name}: no value; expected it in {path} or as train.{f.name}=...")
     checks = [
         (t.epochs >= 1, "train.epochs", "an integer >= 1", t.epochs),
         (t.batch_size >= 1, "train.batch_size", "an integer >= 1", t.batch_size),
         (t.eval_batch_size >= 1, "train.eval_batch_size", "an integer >= 1", t.eval_batch_size),
-        (t.lr > 0, "train.lr", "a learning rate > 0", t.lr),
-        (t.weight_decay >= 0, "train.weight_decay", "a value >= 0", t.weight_decay),
+        (0 < t.lr <= 10, "train.lr", "a learning rate > 0 and <= 10", t.lr),
+        (0 <= t.weight_decay <= 10, "train.weight_decay", "a value in [0, 10]", t.weight_decay),
         (0 <= t.label_smoothing < 1, "train.label_smoothing", "a value in [0, 1)", t.label_smoothing),
         (0 < t.warmup < 1, "train.warmup", "a share in (0, 1)", t.warmup),
         (t.patience >= 0, "train.patience", "an integer >= 0 (0 = off)", t.patience),
+        (t.seed >= 0, "train.seed", "an integer >= 0", t.seed),
         (t.threads >= 0, "train.threads", "an integer >= 0 (0 = all cores)", t.threads),
         (t.schedule in ("onecycle", "cosine"), "train.schedule", "onecycle or cosine", t.schedule),
         (t.precision in ("auto", "bf16", "fp32"), "train.precision", "auto, bf16 or fp32", t.precision),
-        (t.device == "auto" or t.device == "cpu" or t.device.startswith("cuda"), "train.device",
-         "auto, cpu, cuda or cuda:N", t.device),
         (0 < d.val_fraction < 1, "data.val_fraction", "a share in (0, 1)", d.val_fraction),
         (d.data_dir is None or Path(d.data_dir).is_dir(), "data.data_dir", "an existing directory", d.data_dir),
+        (k.heartbeat >= 1, "tracking.heartbeat", "seconds >= 1", k.heartbeat),
+        (k.outage_wait >= 0, "tracking.outage_wait", "seconds >= 0", k.outage_wait),
         (u.n_trials >= 0, "tune.n_trials", "an integer >= 0 (0 = no search)", u.n_trials),
         (u.timeout >= 0, "tune.timeout", "seconds >= 0 (0 = no limit)", u.timeout),
         (u.n_jobs >= 1, "tune.n_jobs", "an integer >= 1", u.n_jobs),
@@ -172,6 +196,34 @@ def validate(cfg: Config) -> None:
     for ok, key, expected, value in checks:
         if not ok:
             raise ConfigError(f"{key}={value!r}: expected {expected}")
+    check_device(t.device)
+
+
+def check_device(name: str) -> None:
+    """`auto`, `cpu`, or a CUDA device that exists on this machine."""
+    import torch
+
+    if name in ("auto", "cpu"):
+        return
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if not match:
+        raise ConfigError(f"train.device={name!r}: expected auto, cpu, cuda or cuda:N")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(match.group(1) or 0)
+    if index >= count:
+        raise ConfigError(f"train.device={name!r}: this machine has {count or 'no'} CUDA device"
+                          f"{'s' * (count != 1)}; use train.device=auto or cpu")
+
+
+def check_model(cfg: Config) -> None:
+    """Build the model on the meta device (no memory, no weights copied): every check its builder makes runs
+    now, before any run exists, instead of after data loading."""
+    import torch
+
+    from fmnist.models import build_model
+
+    with torch.device("meta"):
+        build_model(cfg.model.arch, **cfg.model.params)
 
 
 def validate_space(cfg: Config, arch: str, model_params: dict) -> None:
@@ -224,13 +276,16 @@ def _coerce(value, kind, key: str, origin: str):
             raise ConfigError(f"{origin}: {key}={value!r}: expected a non-empty list, e.g. [256, 128]")
         item = args[0] if args else int
         return tuple(_coerce(v, item, key, origin) for v in value)
-    if origin_type is float and isinstance(value, str):
-        try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+    if origin_type is float:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads 1e-4 (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{origin}: {key}={value!r}: expected a finite number")
             return float(value)
-        except ValueError:
-            pass
-    if origin_type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     if origin_type is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, origin_type) or (origin_type is int and isinstance(value, bool)):

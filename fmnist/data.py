@@ -11,8 +11,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+from fmnist.errors import DataError
+
+if TYPE_CHECKING:  # imported where tensors are made: commands that only read runs (compare) start faster
+    import torch
 
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -23,10 +29,6 @@ FILES = {  # split -> (images, labels), the names of the original distribution
 }
 SIZES = {"train": 60_000, "test": 10_000}
 IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801  # IDX: unsigned byte data, 3 and 1 dimensions
-
-
-class DataError(RuntimeError):
-    """The dataset is missing or malformed; the message names the file and what is wrong."""
 
 
 @dataclass
@@ -153,20 +155,36 @@ def load(data_dir: str | os.PathLike | None = None, val_fraction: float = 0.1, s
     `strict_sizes` checks the canonical 60k/10k counts; it is on for the system and cache copies and off for an
     explicit directory, so tests and users can point at a smaller IDX set.
     """
-    from sklearn.model_selection import train_test_split
-
     directory = find_data_dir(data_dir)
     strict = strict_sizes if strict_sizes is not None else not (data_dir or os.environ.get("FMNIST_DATA"))
     x, y = read_split(directory, "train", SIZES["train"] if strict else None)
     x_test, y_test = read_split(directory, "test", SIZES["test"] if strict else None)
-    idx_train, idx_val = train_test_split(np.arange(len(y)), test_size=val_fraction, stratify=y,
-                                          random_state=seed)
+    import torch
+
+    idx_train, idx_val = split(y, val_fraction, seed, directory)
     t = torch.from_numpy
     return Dataset(
         x_train=t(x[idx_train].copy()), y_train=t(y[idx_train].astype(np.int64)),
         x_val=t(x[idx_val].copy()), y_val=t(y[idx_val].astype(np.int64)),
         x_test=t(x_test.copy()), y_test=t(y_test.astype(np.int64)),
         source=str(directory), digest=digest(x, y, x_test, y_test))
+
+
+def split(labels: np.ndarray, val_fraction: float, seed: int, directory: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded, stratified train/validation indices: every class in both, in proportion."""
+    from sklearn.model_selection import train_test_split
+
+    counts = np.bincount(labels, minlength=10)
+    n_val = int(np.ceil(val_fraction * len(labels)))
+    present = int((counts > 0).sum())
+    if counts[counts > 0].min() < 2 or not present <= n_val <= len(labels) - present:
+        rare = int(np.argmin(np.where(counts > 0, counts, np.iinfo(int).max)))
+        fewest = int(counts[rare])
+        raise DataError(f"{directory}: data.val_fraction={val_fraction} of {len(labels)} training images cannot "
+                        f"hold every class in both splits (class {rare} has {fewest} image"
+                        f"{'s' * (fewest != 1)}); expected at least 2 per class and a validation split of "
+                        f"{present} to {len(labels) - present} images")
+    return train_test_split(np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed)
 
 
 def digest(*arrays: np.ndarray) -> str:

@@ -1,8 +1,10 @@
 """Classify raw images with a trained network: input checks, file readers and the answer as a table.
 
-A trained network is saved as a `torch.export` program, so loading it needs neither this package's model code
-nor the pretrained-weights package. tracking.py wraps `Classifier` as the MLflow pyfunc model that every run
-logs; `fmnist predict` reads image files and prints what that model says.
+A trained network travels as a `torch.export` program with its batch norm folded, so loading it needs neither
+this package's model code nor the pretrained-weights package. `Classifier` runs it the way the training code
+runs inference: bf16 autocast and channels_last where the CPU has native bf16, fp32 elsewhere, chosen when it is
+loaded. A run's test metrics are computed through the same `Classifier` on the same saved program that the run
+logs as its MLflow model, so the registry re-scores the test set to the run's numbers.
 """
 from __future__ import annotations
 
@@ -13,54 +15,77 @@ import pandas as pd
 import torch
 
 from fmnist.data import CLASSES
+from fmnist.errors import InputError
+from fmnist.models.layers import fold_batchnorm
+from fmnist.train import Runtime, native_bf16
 
 SIZE = 28
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-class InputError(ValueError):
-    """Images of the wrong shape, dtype or format; the message names the input and what was expected."""
+EXPECTED = "expected uint8 pixel values 0-255 in (N, 28, 28) grey images or one (28, 28) image, as in Fashion-MNIST"
 
 
 def export_network(model: torch.nn.Module, example: np.ndarray) -> torch.export.ExportedProgram:
-    """The model as a self-contained program taking uint8 (N, 28, 28) batches of any size."""
+    """The model, batch norm folded, as a self-contained program taking uint8 (N, 28, 28) batches of any size."""
     batch = torch.export.Dim("batch", min=1)
-    return torch.export.export(model.cpu().eval(), (torch.from_numpy(example),), dynamic_shapes=({0: batch},))
+    network = fold_batchnorm(model.cpu().eval())
+    return torch.export.export(network, (torch.from_numpy(example),), dynamic_shapes=({0: batch},))
 
 
 def check_images(images, source: str = "input") -> np.ndarray:
     """Raw grey images as uint8 (N, 28, 28); a single (28, 28) image or (N, 1, 28, 28) is accepted too, and so
-    are integers of a wider type that lie in 0-255."""
+    are integers of a wider type that lie in 0-255 (JSON from a REST client arrives as int64)."""
     if isinstance(images, pd.DataFrame):
-        raise InputError(f"{source}: a DataFrame; expected a uint8 array of shape (N, 28, 28)")
-    array = np.asarray(images)
-    if array.dtype.kind in "iu" and array.dtype != np.uint8 and array.size and 0 <= array.min() <= array.max() <= 255:
-        array = array.astype(np.uint8)  # JSON from a REST client arrives as int64
+        raise InputError(f"{source}: a DataFrame; {EXPECTED}")
+    try:
+        array = np.asarray(images)
+    except ValueError:  # ragged nested lists
+        raise InputError(f"{source}: rows of different lengths; {EXPECTED}") from None
+    if array.size == 0:
+        raise InputError(f"{source}: empty (shape {array.shape}); {EXPECTED}, with N >= 1")
+    if array.dtype.kind not in "iuf":
+        what = {"U": "text", "S": "bytes", "O": "null or mixed values", "b": "true/false values"}.get(
+            array.dtype.kind, f"dtype {array.dtype}")
+        raise InputError(f"{source}: {what}; {EXPECTED}")
+    if array.dtype.kind == "f":
+        hint = " (0-1 floats? send (x * 255).round() as integers)" if np.nanmax(array) <= 1 else ""
+        raise InputError(f"{source}: dtype {array.dtype}{hint}; {EXPECTED}")
     if array.dtype != np.uint8:
-        hint = " (0-1 floats? use (x * 255).round().astype(np.uint8))" if array.dtype.kind == "f" else ""
-        raise InputError(f"{source}: dtype {array.dtype}, expected uint8 pixel values 0-255, as in "
-                         f"Fashion-MNIST{hint}")
+        low, high = array.min(), array.max()
+        if low < 0 or high > 255:
+            raise InputError(f"{source}: pixel values from {low} to {high} are out of range; {EXPECTED}")
+        array = array.astype(np.uint8)
     if array.shape == (SIZE, SIZE):
         array = array[None]
     if array.ndim == 4 and array.shape[1] == 1:
         array = array[:, 0]
-    if array.ndim != 3 or array.shape[1:] != (SIZE, SIZE) or len(array) == 0:
-        raise InputError(f"{source}: shape {array.shape}, expected (N, 28, 28) grey images with N >= 1, "
-                         "or one (28, 28) image")
-    return array
+    if array.ndim != 3 or array.shape[1:] != (SIZE, SIZE):
+        raise InputError(f"{source}: shape {array.shape}; {EXPECTED}")
+    return array if array.flags.writeable else array.copy()  # torch warns on read-only arrays
 
 
 class Classifier:
-    """A trained network plus class names: raw images in, class name and per-class probabilities out."""
+    """A trained network plus class names: raw images in, class name and per-class probabilities out.
 
-    def __init__(self, network: torch.nn.Module, classes: tuple[str, ...] = CLASSES, batch_size: int = 1024):
-        self.network, self.classes, self.batch_size = network, classes, batch_size
+    `precision`: auto (bf16 where the CPU has native bf16, else fp32), bf16 or fp32.
+    """
+
+    def __init__(self, network: torch.nn.Module, precision: str = "auto", classes: tuple[str, ...] = CLASSES,
+                 batch_size: int = 256):
+        bf16 = precision == "bf16" or (precision == "auto" and native_bf16())
+        has_conv = any(p.dim() == 4 for p in network.parameters())  # an exported program has no Conv2d modules
+        self.runtime = Runtime(torch.device("cpu"), torch.bfloat16 if bf16 else None, channels_last=bf16 and has_conv)
+        self.network = network.to(memory_format=torch.channels_last) if self.runtime.channels_last else network
+        self.classes, self.batch_size = classes, batch_size  # 256: activations of a batch stay in cache
+
+    @classmethod
+    def load(cls, path: str | Path, precision: str = "auto") -> Classifier:
+        return cls(torch.export.load(str(path)).module(), precision)
 
     def probabilities(self, images) -> np.ndarray:
         images = torch.from_numpy(check_images(images))
-        with torch.no_grad():
-            logits = torch.cat([self.network(chunk) for chunk in images.split(self.batch_size)])
-        return logits.float().softmax(1).numpy()
+        with torch.no_grad(), self.runtime.autocast_ctx():
+            logits = torch.cat([self.network(chunk).float() for chunk in images.split(self.batch_size)])
+        return logits.softmax(1).numpy()
 
     def predict(self, images) -> pd.DataFrame:
         """One row per image: `class`, its `probability`, then one probability column per class."""

@@ -1,9 +1,11 @@
 """One training loop for every architecture: batches sliced from in-memory tensors, AdamW, one-cycle or cosine.
 
-`fit(model, data, cfg, callbacks)` knows nothing of MLflow: it reports each epoch's numbers to callbacks.
+`fit(model, data, cfg, runtime, callbacks)` knows nothing of MLflow: it reports each epoch's numbers to callbacks.
+The pieces it is made of (`train_step`, `train_epoch`, `validate`, `BestWeights`) are what benchmarks call too.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,14 +18,7 @@ from tqdm.auto import tqdm
 
 from fmnist.config import TrainConfig
 from fmnist.data import Dataset
-
-
-class Pruned(Exception):
-    """Raised by an epoch callback to end training on purpose (a search pruned the trial): not an error."""
-
-
-class SearchError(RuntimeError):
-    """A search cannot go on (no trial completed); the message says why."""
+from fmnist.errors import Diverged, Pruned  # noqa: F401  (Pruned: raised by the callbacks fit calls)
 
 
 class Callback(Protocol):
@@ -36,7 +31,6 @@ class History:
     best_epoch: int = 0
     best_val_accuracy: float = 0.0
     seconds: float = 0.0  # wall time of fit(), validation included
-    stopped_early: bool = False
 
 
 @dataclass
@@ -54,20 +48,24 @@ class Runtime:
                f"{', channels_last' if self.channels_last else ''}"
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 / AMX); elsewhere bf16 is emulated and slower."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def resolve_runtime(cfg: TrainConfig, model: nn.Module | None = None) -> Runtime:
+    """The device and precision to run on; also sets torch's thread count (train.threads), once."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     name = cfg.device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={cfg.device!r}, but CUDA is not available; use train.device=cpu")
     if device.type == "cuda":
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         dtype = None if cfg.precision == "fp32" else (torch.bfloat16 if cfg.precision == "bf16" else amp)
     else:
-        # bf16 pays on CPUs with native bf16 (AVX512-BF16/AMX); elsewhere it is emulated and slower.
-        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        dtype = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and native) else None
+        dtype = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16()) else None
     has_conv = model is not None and any(isinstance(m, nn.Conv2d) for m in model.modules())
     return Runtime(device, dtype, channels_last=has_conv and (dtype is not None or device.type == "cuda"))
 
@@ -100,66 +98,97 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
         math.pi * min(1.0, max(0, s - warmup) / max(1, total_steps - warmup))))))
 
 
-def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, callbacks: list[Callback] = ()) -> History:
+def train_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, opt: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler, rt: Runtime, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on one batch; returns (the loss, the logits), both still on the device."""
+    with rt.autocast_ctx():
+        logits = model(xb)
+        loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach(), logits.detach()
+
+
+def train_epoch(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, opt, scheduler, scaler,
+                generator: torch.Generator, epoch: int) -> dict[str, float]:
+    """One pass over the shuffled training split in whole batches (a last batch of 1 would break batch norm)."""
+    model.train()
+    x, y = data.x_train, data.y_train
+    batch = min(cfg.batch_size, len(y))
+    steps = len(y) // batch
+    order = torch.randperm(len(y), generator=generator).to(rt.device)
+    loss_sum = torch.zeros((), device=rt.device)
+    correct = torch.zeros((), device=rt.device, dtype=torch.long)
+    bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None)
+    for step in bar:
+        idx = order[step * batch:(step + 1) * batch]
+        xb, yb = x[idx], y[idx]
+        if cfg.augment:
+            xb = augment(xb, generator)
+        loss, logits = train_step(model, xb, yb, opt, scaler, rt, cfg.label_smoothing)
+        scheduler.step()
+        loss_sum += loss * len(yb)
+        correct += (logits.argmax(1) == yb).sum()
+        if step % 20 == 0:  # the one host sync per 20 steps also catches divergence early
+            check_finite(loss.item(), epoch, cfg)
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / ((step + 1) * batch):.3f}")
+    seen = steps * batch
+    metrics = {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
+               "lr": scheduler.get_last_lr()[0]}
+    check_finite(metrics["train_loss"], epoch, cfg)
+    return metrics
+
+
+def check_finite(loss: float, epoch: int, cfg: TrainConfig) -> None:
+    if not math.isfinite(loss):
+        raise Diverged(f"train.lr={cfg.lr:g}: the training loss became {loss} in epoch {epoch}; the learning rate "
+                       f"is likely too high (try train.lr={cfg.lr / 10:g})")
+
+
+class BestWeights:
+    """A copy of the weights of the epoch with the best validation accuracy, put back at the end."""
+
+    def __init__(self):
+        self.epoch, self.accuracy, self.state = 0, -math.inf, None
+
+    def update(self, model: nn.Module, epoch: int, accuracy: float) -> None:
+        if accuracy > self.accuracy:
+            self.epoch, self.accuracy = epoch, accuracy
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def restore(self, model: nn.Module) -> None:
+        model.load_state_dict(self.state)
+
+
+def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, callbacks: list[Callback] = ()) -> History:
     """Train on data.x_train, select the epoch with the best validation accuracy and restore its weights."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation, on the CPU
-    rt = resolve_runtime(cfg, model)
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-    x_train, y_train = data.x_train.to(rt.device), data.y_train.to(rt.device)
-
-    n = len(y_train)
-    batch = min(cfg.batch_size, n)
-    steps = n // batch  # whole batches only: a last batch of 1 would break batch norm
+    data = dataclasses.replace(data, x_train=data.x_train.to(rt.device), y_train=data.y_train.to(rt.device))
     opt = make_optimizer(model, cfg)
-    scheduler = make_scheduler(opt, cfg, cfg.epochs * steps)
+    scheduler = make_scheduler(opt, cfg, cfg.epochs * (len(data.y_train) // min(cfg.batch_size, len(data.y_train))))
     scaler = torch.amp.GradScaler(enabled=rt.autocast is torch.float16)
-    history, best_state, start = History(), None, time.perf_counter()
-
+    history, best, start = History(), BestWeights(), time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
-        model.train()
-        order = torch.randperm(n, generator=generator).to(rt.device)
-        loss_sum = torch.zeros((), device=rt.device)
-        correct = torch.zeros((), device=rt.device, dtype=torch.long)
-        bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None)
-        for step in bar:
-            idx = order[step * batch:(step + 1) * batch]
-            xb, yb = x_train[idx], y_train[idx]
-            if cfg.augment:
-                xb = augment(xb, generator)
-            with rt.autocast_ctx():
-                logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            scheduler.step()
-            loss_sum += loss.detach() * len(yb)
-            correct += (logits.argmax(1) == yb).sum()
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct.item() / ((step + 1) * batch):.3f}")
-        seen = steps * batch
-        val = evaluate(model, data.x_val, data.y_val, rt, cfg.eval_batch_size, cfg.label_smoothing)
-        metrics = {"train_loss": loss_sum.item() / seen, "train_accuracy": correct.item() / seen,
-                   "val_loss": val["loss"], "val_accuracy": val["accuracy"], "lr": scheduler.get_last_lr()[0]}
+        metrics = train_epoch(model, data, cfg, rt, opt, scheduler, scaler, generator, epoch)
+        val = validate(model, data.x_val, data.y_val, rt, cfg.eval_batch_size, cfg.label_smoothing)
+        metrics = {**metrics, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                   "elapsed_seconds": time.perf_counter() - start}
         history.epochs.append(metrics)
-        if metrics["val_accuracy"] > history.best_val_accuracy:
-            history.best_epoch, history.best_val_accuracy = epoch, metrics["val_accuracy"]
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        print(f"epoch {epoch:>3}/{cfg.epochs}  " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        best.update(model, epoch, metrics["val_accuracy"])
+        print(f"epoch {epoch:>3}/{cfg.epochs}  " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                            if k != "elapsed_seconds")
               + f"  {time.perf_counter() - epoch_start:.1f}s", flush=True)
         for cb in callbacks:
             cb.on_epoch_end(epoch, metrics)
-        if cfg.patience and epoch - history.best_epoch >= cfg.patience:
-            history.stopped_early = True
+        if cfg.patience and epoch - best.epoch >= cfg.patience:
             break
-
-    model.load_state_dict(best_state)
+    best.restore(model)
     model.to(memory_format=torch.contiguous_format)
+    history.best_epoch, history.best_val_accuracy = best.epoch, best.accuracy
     history.seconds = time.perf_counter() - start
     return history
 
@@ -175,7 +204,7 @@ def predict_logits(model: nn.Module, x: torch.Tensor, rt: Runtime, batch_size: i
     return torch.cat(out)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime, batch_size: int = 1024,
+def validate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, rt: Runtime, batch_size: int = 1024,
              label_smoothing: float = 0.0) -> dict[str, float]:
     logits = predict_logits(model, x, rt, batch_size)
     return {"loss": F.cross_entropy(logits, y, label_smoothing=label_smoothing).item(),

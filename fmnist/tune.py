@@ -13,8 +13,10 @@ import collections
 import os
 import random
 import socket
+import tempfile
 import time
 import warnings
+from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
@@ -24,10 +26,11 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from fmnist import data as fdata
-from fmnist import tracking
-from fmnist.config import Config, ConfigError, load_config
-from fmnist.experiment import run_experiment, run_trial
-from fmnist.train import Pruned, SearchError
+from fmnist.config import Config, load_config, parse_overrides
+from fmnist.errors import ConfigError, SearchError
+from fmnist.pipeline import Run, Tracker, run_experiment
+from fmnist.tracking import store
+from fmnist.errors import Pruned
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial prints its own epochs
 # fail_stale_trials and the matplotlib plots are marked experimental; they are the documented way all the same
@@ -35,26 +38,34 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)  # toward n_trials; FAIL is retried
 
 
-def tune(arch: str, config_path: str | None = None, overrides: list[str] = ()) -> str | None:
+def tune(arch: str, config_path: str | None, overrides: list[str], tracker: Tracker) -> str | None:
     """Run (or join, or resume) the search; returns the retrained best run's id, None if another worker does it."""
     cfg = load_config(arch, config_path, overrides)
+    fixed = sorted({key for key, _, _ in parse_overrides(overrides)} & set(cfg.tune.space))
+    if fixed:  # given on the command line: the user's value holds, the search leaves it alone
+        cfg.tune.space = {k: v for k, v in cfg.tune.space.items() if k not in fixed}
+        print(f"fmnist tune: {', '.join(f'{k}={cfg.flat()[k]}' for k in fixed)} given, so fixed and not searched")
     if not cfg.tune.space:
         raise ConfigError(f"tune.space of {arch} is empty: declare the search space in experiments/{arch}.yaml")
     data = fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)  # bad data: no study, no run
-    experiment = tracking.current_experiment(cfg.tracking.experiment)  # `mlflow run --experiment-name` counts
-    study, created = open_study(cfg, cfg.tune.study_name or f"{experiment}-{arch}")
-    # the parent run: a new one for a new study, else the study's own (a resumed search, another worker)
-    with tracking.tracked_run(experiment, f"search-{arch}", run_id=None if created else parent_run_of(study)) as parent:
-        if "mlflow_run_id" not in study.user_attrs:
-            study.set_user_attr("mlflow_run_id", parent.info.run_id)
-            tracking.tag_search(study.study_name, _redacted(cfg.tune.storage), cfg.tune.space)
-        objective = Objective(arch, config_path, list(overrides), cfg, data, parent.info.run_id)
+    study, created = open_study(cfg, cfg.tune.study_name or f"{tracker.experiment}-{arch}")
+    parent_id = None if created else parent_run_of(study)
+    if parent_id and (why := store.unusable(parent_id)):
+        print(f"fmnist tune: study {study.study_name}'s parent {why}; the search goes on in a new parent run")
+        parent_id = None
+    if parent_id and os.environ.get("MLFLOW_RUN_ID"):
+        store.discard_launcher_run(parent_id)  # `mlflow run` made a run for this resume; the search has its own
+    with tracker.run(f"search-{arch}", resume=parent_id) as parent:
+        if study.user_attrs.get("mlflow_run_id") != parent.id:
+            study.set_user_attr("mlflow_run_id", parent.id)
+            parent.set_tags({"fmnist.kind": "search", "optuna.study": study.study_name,
+                             "optuna.storage": _redacted(cfg.tune.storage)})
+        objective = Objective(arch, config_path, list(overrides), cfg, data, parent.id, tracker)
         if not enough(study, cfg.tune.n_trials):
             study.optimize(objective, n_jobs=cfg.tune.n_jobs, timeout=cfg.tune.timeout or None, catch=(ConfigError,),
                            callbacks=[lambda s, _: enough(s, cfg.tune.n_trials) and s.stop()])
-        trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
         best = _best(study)
-        tracking.log_search(trials, best, _figures(study))
+        log_search(parent, study, cfg.tune.space, best)
         if best is None:
             raise SearchError(f"study {study.study_name}: no trial completed, nothing to retrain")
         summary = f"best trial {best['trial']}: validation accuracy {best['value']:.4f} with {best['params']}"
@@ -65,13 +76,35 @@ def tune(arch: str, config_path: str | None = None, overrides: list[str] = ()) -
         winner = load_config(arch, config_path, [*overrides, *as_overrides(best["params"]),
                                                  f"tracking.run_name={arch}-best"])
         try:
-            run_id = run_experiment(winner, parent.info.run_id, data)
+            run_id = run_experiment(winner, tracker, data, parent=parent.id).run_id
         except BaseException:
             study.set_user_attr(key, "")  # unclaimed: the next run of the command retrains
             raise
         study.set_user_attr(key, f"run {run_id}")
         print(f"{summary}; retrained and tested as run {run_id}")
         return run_id
+
+
+def log_search(parent: Run, study: optuna.Study, space: dict, best: dict | None) -> None:
+    """The study so far on the parent run: every trial as CSV, the space, the best trial, Optuna's plots."""
+    import matplotlib.pyplot as plt
+
+    trials = study.trials_dataframe(attrs=("number", "value", "state", "params", "duration", "user_attrs"))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        trials.to_csv(folder / "trials.csv", index=False)
+        (folder / "space.yaml").write_text(yaml.safe_dump(space))
+        if best:
+            (folder / "best.yaml").write_text(yaml.safe_dump(best))
+        for name, figure in _figures(study).items():
+            figure.savefig(folder / f"{name}.png", dpi=100, bbox_inches="tight")
+            plt.close(figure)
+        parent.log_artifacts(folder, "search")
+    counts = dict(trials["state"].value_counts()) if len(trials) else {}
+    parent.log_metrics({f"trials_{state.lower()}": int(n) for state, n in counts.items()})
+    if best:
+        parent.log_metrics({"best_val_accuracy": best["value"], "best_trial": best["trial"]})
+        parent.set_tags({f"best.{k}": str(v) for k, v in best["params"].items()})
 
 
 def claim_retrain(study: optuna.Study, key: str) -> bool:
@@ -88,9 +121,10 @@ def claim_retrain(study: optuna.Study, key: str) -> bool:
 class Objective:
     """One trial: the base configuration plus the sampled values, trained as a nested run, pruned by epoch."""
 
-    def __init__(self, arch: str, config_path, overrides: list[str], cfg: Config, data, parent_run_id: str):
+    def __init__(self, arch: str, config_path, overrides: list[str], cfg: Config, data, parent_run_id: str,
+                 tracker: Tracker):
         self.arch, self.config_path, self.overrides, self.cfg = arch, config_path, overrides, cfg
-        self.data, self.parent_run_id = data, parent_run_id
+        self.data, self.parent_run_id, self.tracker = data, parent_run_id, tracker
 
     def __call__(self, trial: optuna.Trial) -> float:
         sampled = as_overrides({key: suggest(trial, key, spec) for key, spec in self.cfg.tune.space.items()})
@@ -98,13 +132,14 @@ class Objective:
                                                         f"tracking.run_name=trial-{trial.number}"])
         print(f"trial {trial.number}: {trial.params}", flush=True)
         try:
-            history = run_trial(cfg, self.data, self.parent_run_id, PruneOnEpoch(trial),
-                                tags={"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number),
-                                      "optuna.worker": f"{socket.gethostname()}:{os.getpid()}"},
-                                started=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+            outcome = run_experiment(cfg, self.tracker, self.data, parent=self.parent_run_id, trial=True,
+                                     callbacks=[PruneOnEpoch(trial)],
+                                     tags={"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number),
+                                           "optuna.worker": f"{socket.gethostname()}:{os.getpid()}"})
         except Pruned:
             raise optuna.TrialPruned() from None
-        return history.best_val_accuracy
+        return outcome.history.best_val_accuracy
+
 
 
 class PruneOnEpoch:
@@ -164,8 +199,8 @@ def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
 
 def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
     """A trial whose worker stopped sending heartbeats (killed, crashed): its run ends FAILED, the trial reruns."""
-    if "mlflow_run_id" in trial.user_attrs:
-        tracking.end_stale_run(trial.user_attrs["mlflow_run_id"])
+    if "mlflow_run_id" in study.user_attrs:
+        store.end_stale_trial_run(study.user_attrs["mlflow_run_id"], study.study_name, trial.number)
     RetryHeartbeatStaleTrialCallback(max_retry=3)(study, trial)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -65,31 +66,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real tracking server started by `fmnist server`: sqlite backend, artifacts served by the server."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = open(root / "server.log", "w")
+def start_server(root: Path, port: int) -> subprocess.Popen:
+    """A real tracking server started by `fmnist server` (sqlite backend, artifacts served by the server), in a
+    process group of its own so that a test can kill it and its workers at once, and start it again on the same
+    root and port."""
+    log = open(root / "server.log", "a")
     proc = subprocess.Popen([sys.executable, "-m", "fmnist", "server", "--port", str(port), "--root", str(root)],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return proc
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
+            stop_server(proc)
             pytest.fail(f"mlflow server did not start on {uri}:\n{(root / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    yield uri
-    proc.terminate()
+        time.sleep(0.3)
+
+
+def stop_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
     proc.wait(timeout=30)
-    log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    proc = start_server(root, port)
+    yield f"http://127.0.0.1:{port}"
+    stop_server(proc)
 
 
 @pytest.fixture

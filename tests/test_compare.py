@@ -1,23 +1,43 @@
-"""`fmnist compare` against the real test server: selection by validation, tables, artifacts, the comparison run."""
+"""`fmnist compare` against the real test server: selection by validation, tables, artifacts, the comparison run,
+and the comparison rebuilt from MLflow alone."""
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from fmnist.compare import build
 from fmnist.data import CLASSES
-from fmnist.evaluate import slug
+from fmnist.evaluate import predictions_table, slug
 
 pytestmark = pytest.mark.slow
 
 
-def log_run(client, experiment_id, arch, val, test, status="FINISHED", **tags):
+def log_run(client, experiment_id, arch, val, test, status="FINISHED", seed=0, **tags):
+    """A finished run as a training run logs it: metrics and the evaluation files the comparison reads (a model
+    right on the first `test` share of 1,000 test images)."""
     run = client.create_run(experiment_id, tags={"architecture": arch, **tags})
-    metrics = {"best_val_accuracy": val, "test_accuracy": test, "test_macro_f1": test - 0.001,
+    metrics = {"best_val_accuracy": val, "test_accuracy": test, "test_macro_f1": test - 0.001, "test_ece": 0.05,
                "test_macro_precision": test, "test_macro_recall": test, "params_count": 1000, "train_seconds": 60}
     metrics |= {f"test_f1_{slug(c)}": test - 0.01 * i for i, c in enumerate(CLASSES)}
     for name, value in metrics.items():
         client.log_metric(run.info.run_id, name, value)
+    client.log_param(run.info.run_id, "train.seed", seed)
+    labels = np.arange(1000) % 10
+    predicted = np.where(np.arange(1000) < round(1000 * test), labels, (labels + 1) % 10)
+    probabilities = np.full((1000, 10), 0.02)
+    probabilities[np.arange(1000), predicted] = 0.82
+    with tempfile.TemporaryDirectory() as tmp:
+        predictions_table(probabilities, labels, CLASSES).to_parquet(Path(tmp) / "predictions.parquet")
+        pd.DataFrame({"index": range(500), "label": labels[:500], "predicted": labels[:500]}).to_parquet(
+            Path(tmp) / "train_predictions.parquet")
+        pd.DataFrame({"epoch": [1, 2], "val_accuracy": [0.5, val], "elapsed_seconds": [30.0, 60.0]}).to_csv(
+            Path(tmp) / "history.csv", index=False)
+        client.log_artifacts(run.info.run_id, tmp, "evaluation")
     client.set_terminated(run.info.run_id, status)
     return run.info.run_id
 
@@ -34,20 +54,30 @@ def test_compare_selects_by_validation_and_logs_a_linked_comparison_run(tracking
                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "0.8900" in out.stdout and "0.9900" not in out.stdout  # cnn's chosen run: test 0.89
-    summary = (tmp_path / "comparison.csv").read_text().splitlines()
-    assert [line.split(",")[0] for line in summary[1:]] == ["ann", "cnn", "transfer"]
-    cnn = dict(zip(summary[0].split(","), summary[2].split(",")))
-    assert float(cnn["test accuracy"]) == pytest.approx(0.89) and float(cnn["vs ANN (points)"]) == pytest.approx(1)
+    models = pd.read_csv(tmp_path / "comparison.csv", index_col="model")
+    assert list(models.index) == ["ann", "cnn", "transfer"]
+    assert models.loc["cnn", "test_accuracy"] == pytest.approx(0.89)  # from the predictions, as logged
+    pairs = pd.read_csv(tmp_path / "pairs.csv", index_col="pair")
+    assert pairs.loc["cnn vs ann", "difference"] == pytest.approx(0.01) and pairs.loc["cnn vs ann", "p_value"] < 0.05
     per_class = (tmp_path / "per_class_f1.csv").read_text()
     assert "cnn - ann (points)" in per_class and "transfer - cnn (points)" in per_class
-    assert {p.name for p in tmp_path.iterdir()} >= {"comparison.md", "comparison.html", "per_class_f1.png"}
+    assert {p.name for p in tmp_path.iterdir()} >= {"comparison.md", "report.html", "pairs.csv", "verdicts.md",
+                                                    "per_class_f1.png", "convergence.png", "reliability.png"}
+    assert "**CNN beats ANN**: supported" in out.stdout
 
     [comparison] = client.search_runs([exp], "tags.`fmnist.kind` = 'comparison'")
     assert comparison.info.status == "FINISHED"
     assert {k: v for k, v in comparison.data.tags.items() if k.startswith("compared.")} == \
         {f"compared.{arch}": run_id for arch, run_id in best_val.items()}
     artifacts = {a.path for a in client.list_artifacts(comparison.info.run_id, "comparison")}
-    assert "comparison/comparison.md" in artifacts and "comparison/per_class_f1.png" in artifacts
+    assert {"comparison/comparison.md", "comparison/report.html", "comparison/pairs.csv"} <= artifacts
+    assert comparison.data.metrics["cnn_test_accuracy"] == pytest.approx(0.89)
+
+    # Rebuilt from MLflow alone, in this process: the same numbers as the logged comparison.
+    rebuilt = build("compare-select")
+    logged = pd.read_csv(client.download_artifacts(comparison.info.run_id, "comparison/pairs.csv", str(tmp_path)),
+                         dtype={"per_seed_difference": str})
+    pd.testing.assert_frame_equal(rebuilt.pairs.reset_index(drop=True), logged, check_dtype=False)
 
 
 def test_compare_filter_and_refusals(tracking_env, tmp_path):
@@ -69,3 +99,17 @@ def test_compare_filter_and_refusals(tracking_env, tmp_path):
     out = subprocess.run([sys.executable, "-m", "fmnist", "compare", "--experiment", "does-not-exist"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "does-not-exist: no such MLflow experiment" in out.stderr
+
+
+def test_several_runs_per_architecture_and_seed_are_chosen_by_validation_and_paired_by_seed(tracking_env, tmp_path):
+    client = MlflowClient()
+    exp = client.create_experiment("compare-seeds")
+    for seed in (0, 1):
+        log_run(client, exp, "ann", val=0.80, test=0.80, seed=seed)
+        log_run(client, exp, "cnn", val=0.90, test=0.90 + seed / 100, seed=seed)
+        log_run(client, exp, "cnn", val=0.85, test=0.99, seed=seed)  # better on test, worse on validation
+    comparison = build("compare-seeds")
+    assert comparison.models.loc["cnn", "seeds"] == 2
+    assert comparison.models.loc["cnn", "test_accuracy"] == pytest.approx(0.905)  # mean of 0.90 and 0.91
+    assert comparison.models.loc["cnn", "test_accuracy_std"] == pytest.approx(np.std([0.90, 0.91], ddof=1))
+    assert comparison.pairs.loc[0, "per_seed_difference"] == "+0.1000 +0.1100"

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fmnist.config import EXPERIMENTS_DIR, ConfigError, load_config
-from fmnist.models import available
+from fmnist.config import EXPERIMENTS_DIR, TrainConfig, load_config
+from fmnist.errors import ConfigError
+from fmnist.models import available, builder_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -12,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("arch", ["ann", "cnn", "transfer"])
 def test_experiment_files_load_and_override(arch, tmp_path):
     cfg = load_config(arch)
-    assert cfg.model.arch == arch and cfg.model.params
+    assert cfg.model.arch == arch and cfg.flat()["model.dropout"] == cfg.model_defaults["dropout"]
     cfg = load_config(arch, overrides=["train.epochs=2", "train.lr=1e-4", "model.dropout=0.5",
                                        f"data.data_dir={tmp_path}", "tracking.run_name=x"])
     assert (cfg.train.epochs, cfg.train.lr, cfg.model.params["dropout"]) == (2, 1e-4, 0.5)
@@ -37,11 +38,48 @@ def test_list_values_become_tuples():
     ("model.widths=3", "model.widths=3: expected a non-empty list"),
     ("model.arch=ann", "model.arch='ann', but the architecture asked for is 'cnn'"),
     ("epochs", "expected section.key=value"),
+    ("train.lr=inf", "train.lr=inf: expected a finite number"),
+    ("train.lr=.nan", "train.lr=nan: expected a finite number"),
+    ("train.lr=11", "train.lr=11.0: expected a learning rate > 0 and <= 10"),
+    ("train.seed=-1", "train.seed=-1: expected an integer >= 0"),
+    ("model.widths=[0]", "model.widths=[0]: expected 1 to 4 blocks (each halves the 28 px image) of 1 to 1024"),
+    ("model.widths=[-5]", "model.widths=[-5]: expected 1 to 4 blocks"),
+    ("model.widths=[8,8,8,8,8]", "model.widths=[8, 8, 8, 8, 8]: expected 1 to 4 blocks"),
+    ("model.convs_per_block=0", "model.convs_per_block=0: expected 1 to 4"),
+    ("train.device=cudaX", "train.device='cudaX': expected auto, cpu, cuda or cuda:N"),
+    ("tracking.heartbeat=0", "tracking.heartbeat=0.0: expected seconds >= 1"),
 ])
 def test_invalid_values_are_refused_with_the_option_named(override, message):
     with pytest.raises(ConfigError) as e:
         load_config("cnn", overrides=[override])
     assert message in str(e.value)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused_before_any_run():
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=f"train.device='{device}': this machine has no CUDA devices; use "
+                                              "train.device=auto or cpu"):
+            load_config("cnn", overrides=[f"train.device={device}"])
+
+
+def test_ann_widths_and_transfer_values_are_range_checked_by_their_builders():
+    with pytest.raises(ConfigError, match=r"model.widths=\[0\]: expected hidden layer widths from 1 to 16384"):
+        load_config("ann", overrides=["model.widths=[0]"])
+    with pytest.raises(ConfigError, match="model.unfrozen_blocks=30: efficientnet_lite0 has 18 stages"):
+        load_config("transfer", overrides=["model.unfrozen_blocks=30"])  # checked on the meta device: no weights
+
+
+def test_an_empty_override_means_not_given():
+    assert load_config("cnn", overrides=["train.epochs=", "data.data_dir="]).train.epochs == \
+        load_config("cnn").train.epochs
+
+
+def test_a_value_every_architecture_must_choose_has_no_default(tmp_path):
+    (tmp_path / "x.yaml").write_text("train: {epochs: 1, batch_size: 8}\n")
+    with pytest.raises(ConfigError, match="train.lr: no value; expected it in .*x.yaml or as train.lr="):
+        load_config("ann", tmp_path / "x.yaml")
+    assert load_config("ann", tmp_path / "x.yaml", ["train.lr=0.01"]).train.lr == 0.01
 
 
 def test_unknown_architecture_lists_the_valid_ones(tmp_path):
@@ -60,7 +98,7 @@ def test_bad_experiment_file_is_named(tmp_path):
     bad.write_text("optimizer: {lr: 1}\n")
     with pytest.raises(ConfigError, match="bad.yaml: unknown section 'optimizer'"):
         load_config("cnn", bad)
-    bad.write_text("train: {lr: -1}\n")
+    bad.write_text("train: {epochs: 1, batch_size: 8, lr: -1}\n")
     with pytest.raises(ConfigError, match="train.lr=-1.0"):
         load_config("cnn", bad)
 
@@ -70,16 +108,25 @@ def test_every_architecture_has_an_experiment_file():
 
 
 @pytest.mark.parametrize("arch", ["ann", "cnn", "transfer"])
-def test_mlproject_defaults_are_the_experiment_defaults(arch):
-    """MLproject parameters are typed and carry defaults; they must not drift from experiments/<arch>.yaml."""
+def test_experiment_files_repeat_no_default(arch):
+    """Each value has one home: an experiment file holds only what differs from the builder's and the dataclasses'
+    defaults, or what has no default at all."""
+    doc = yaml.safe_load((EXPERIMENTS_DIR / f"{arch}.yaml").read_text())
+    model_defaults, train_defaults = builder_defaults(arch), TrainConfig()
+    for key, value in doc.get("model", {}).items():
+        assert model_defaults.get(key) != (tuple(value) if isinstance(value, list) else value), f"model.{key}"
+    for key, value in doc.get("train", {}).items():
+        assert getattr(train_defaults, key) != value, f"train.{key} repeats its default"
+
+
+@pytest.mark.parametrize("arch", ["ann", "cnn", "transfer", "main"])
+def test_mlproject_passes_only_what_the_user_gave(arch):
+    """MLproject parameters default to "" (not given), so no value is kept in step in two places."""
     entry = yaml.safe_load((ROOT / "MLproject").read_text())["entry_points"][arch]
-    flat = load_config(arch).flat()
-    command = entry["command"]
     for name, spec in entry["parameters"].items():
-        key = next(part.split("=")[0] for part in command.split() if part.endswith(f"={{{name}}}"))
-        default = yaml.safe_load(str(spec["default"])) if spec["default"] != "" else None
-        expected = flat[key]
-        assert (list(expected) if isinstance(expected, tuple) else expected) == default, (arch, name)
+        if name not in ("archs",):
+            assert spec["default"] == "", (arch, name)
+        assert f"{{{name}}}" in entry["command"], (arch, name)
 
 
 @pytest.mark.parametrize("space,message", [

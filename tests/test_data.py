@@ -5,7 +5,8 @@ import torch
 
 from conftest import synthetic, write_dataset
 from fmnist import data as fdata
-from fmnist.data import IMAGE_MAGIC, LABEL_MAGIC, DataError
+from fmnist.data import IMAGE_MAGIC, LABEL_MAGIC
+from fmnist.errors import DataError
 
 
 def test_loads_gzip_and_plain_files_to_the_same_tensors(tmp_path):
@@ -36,28 +37,32 @@ def corrupt(tmp_path, name, payload: bytes):
     return d
 
 
-@pytest.mark.parametrize("name,payload,expected", [
+@pytest.mark.parametrize("name,payload,named,expected", [
     ("train-images-idx3-ubyte", b"".join(d.to_bytes(4, "big") for d in (0x0801, 600, 28, 28)) + bytes(470400),
-     "magic number 0x00000801, expected 0x00000803"),
+     "train-images-idx3-ubyte.gz", "magic number 0x00000801, expected 0x00000803"),
     ("train-images-idx3-ubyte", IMAGE_MAGIC.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (600, 32, 32)),
-     "dimensions (600, 32, 32), expected (600, 28, 28)"),
+     "train-images-idx3-ubyte.gz", "dimensions (600, 32, 32), expected (600, 28, 28)"),
     ("train-images-idx3-ubyte", IMAGE_MAGIC.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (600, 28, 28))
-     + bytes(100), "100 data bytes, the header promises 470400"),
+     + bytes(100), "train-images-idx3-ubyte.gz", "100 data bytes, the header promises 470400"),
     ("t10k-labels-idx1-ubyte", LABEL_MAGIC.to_bytes(4, "big") + (200).to_bytes(4, "big") + bytes(199) + b"\x0c",
-     "label 12 at index 199, expected 0-9"),
+     "t10k-labels-idx1-ubyte.gz", "label 12 at index 199, expected 0-9"),
+    # The labels say 150 items, the image file holds 200: the image file is the one named.
     ("t10k-labels-idx1-ubyte", LABEL_MAGIC.to_bytes(4, "big") + (150).to_bytes(4, "big") + bytes(150),
-     "dimensions (150, 28, 28), expected (150, 28, 28)"),
-    ("train-labels-idx1-ubyte", b"\x00\x00", "too short for an IDX header"),
+     "t10k-images-idx3-ubyte.gz", "dimensions (200, 28, 28), expected (150, 28, 28)"),
+    ("train-labels-idx1-ubyte", b"\x00\x00", "train-labels-idx1-ubyte.gz", "too short for an IDX header"),
 ])
-def test_corrupt_files_are_refused_with_file_name_and_reason(tmp_path, name, payload, expected):
+def test_corrupt_files_are_refused_with_file_name_and_reason(tmp_path, name, payload, named, expected):
     d = corrupt(tmp_path, name, payload)
     with pytest.raises(DataError) as e:
         fdata.load(d)
-    message = str(e.value)
-    if "150" in expected:  # labels say 150 items, the image file holds 200: the images file is named
-        assert "t10k-images-idx3-ubyte.gz" in message and "(200, 28, 28), expected (150, 28, 28)" in message
-    else:
-        assert f"{name}.gz" in message and expected in message
+    assert f"{named}: " in str(e.value) and expected in str(e.value)
+
+
+def test_a_split_that_cannot_hold_every_class_is_refused_clearly(tmp_path):
+    d = write_dataset(tmp_path, n_train=15)  # 1 or 2 images per class
+    with pytest.raises(DataError, match=r"data.val_fraction=0.1 of 15 training images cannot hold every class in "
+                                        r"both splits \(class \d has 1 image\)"):
+        fdata.load(d, val_fraction=0.1)
 
 
 def test_broken_gzip_and_missing_file_are_named(tmp_path):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fmnist.config import ConfigError
+from fmnist.errors import ConfigError
 from fmnist.models import available, build_model, builder_params
 from fmnist.models.layers import FMNIST_MEAN, FMNIST_STD, Normalize
 
@@ -29,8 +29,10 @@ def test_builders_take_their_parameters_from_keywords():
 def test_unknown_architecture_and_bad_values():
     with pytest.raises(ConfigError, match="expected one of ann, cnn"):
         build_model("vgg")
-    with pytest.raises(ValueError, match="model.dropout=1.5"):
+    with pytest.raises(ConfigError, match="model.dropout=1.5"):
         build_model("ann", dropout=1.5)
+    with pytest.raises(ConfigError, match=r"model.widths=\[0\]"):
+        build_model("ann", widths=(0,))
 
 
 def test_normalize_standardises_raw_pixels():
@@ -44,14 +46,24 @@ def test_normalize_standardises_raw_pixels():
 def test_fast_dropout_drops_p_scales_the_rest_and_follows_the_seed():
     from fmnist.models.layers import Dropout
 
-    drop = Dropout(0.2)
+    drop = Dropout(0.2)  # 0.2 * 256 = 51.2: 51 of 256 byte values drop
     x = torch.ones(1000, 1000, requires_grad=True)
     torch.manual_seed(0)
     out = drop(x)
-    assert abs((out == 0).float().mean().item() - 0.2) < 0.005
-    assert out.unique().tolist() == pytest.approx([0.0, 1 / 0.8])
+    assert abs((out == 0).float().mean().item() - 51 / 256) < 0.003
+    assert out.unique().tolist() == pytest.approx([0.0, 256 / 205])
     torch.manual_seed(0)
     assert torch.equal(drop(x), out)  # the same seed, the same mask
     out.sum().backward()
     assert torch.equal(x.grad, out.detach())  # gradients flow through kept elements only, scaled alike
     assert torch.equal(drop.eval()(x), x)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.3])
+def test_fast_dropout_keeps_the_expected_value(p):
+    """Rescaling must use the rate actually applied (p rounded to 1/256): E[dropout(x)] = x."""
+    from fmnist.models.layers import Dropout
+
+    torch.manual_seed(0)
+    out = Dropout(p)(torch.ones(4000, 4000))
+    assert out.mean().item() == pytest.approx(1.0, abs=5e-4)  # 16M elements: sampling error ~1e-4

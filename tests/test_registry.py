@@ -9,19 +9,26 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
+from mlflow.exceptions import MlflowException
+
 from conftest import synthetic
-from fmnist import tracking
+from fmnist import data as fdata
 from fmnist.config import load_config
 from fmnist.data import CLASSES
-from fmnist.experiment import run_experiment
+from fmnist.pipeline import run_experiment
+from fmnist.tracking import MLflowTracker
+from fmnist.tracking.registry import register_model
+
+
+def train(arch, tiny_data, experiment, *overrides):
+    cfg = load_config(arch, overrides=[f"data.data_dir={tiny_data}", *overrides])
+    return run_experiment(cfg, MLflowTracker(experiment)).run_id
 
 pytestmark = pytest.mark.slow
 
 
 def test_training_registers_and_champion_moves_only_on_better_validation(tracking_env, tiny_data):
-    cfg = load_config("ann", overrides=["train.epochs=1", "model.widths=[16]", f"data.data_dir={tiny_data}",
-                                        "tracking.experiment=registry"])
-    run = MlflowClient().get_run(run_experiment(cfg))
+    run = MlflowClient().get_run(train("ann", tiny_data, "registry", "train.epochs=1", "model.widths=[16]"))
     client = MlflowClient()
     [first] = client.search_model_versions(f"run_id = '{run.info.run_id}'")
     assert first.name == "fmnist-ann"
@@ -29,11 +36,11 @@ def test_training_registers_and_champion_moves_only_on_better_validation(trackin
     val = run.data.metrics["best_val_accuracy"]
 
     model_uri = f"models:/fmnist-ann/{first.version}"
-    worse, moved = tracking.register_model(model_uri, "ann", val - 0.01)
+    worse, moved = register_model(model_uri, "ann", val - 0.01)
     assert not moved and client.get_model_version_by_alias("fmnist-ann", "champion").version == first.version
-    tie, moved = tracking.register_model(model_uri, "ann", val)
+    tie, moved = register_model(model_uri, "ann", val)
     assert not moved  # only a strictly better validation accuracy takes the title
-    better, moved = tracking.register_model(model_uri, "ann", val + 0.01)
+    better, moved = register_model(model_uri, "ann", val + 0.01)
     assert moved and client.get_model_version_by_alias("fmnist-ann", "champion").version == better
 
 
@@ -43,15 +50,13 @@ def predict(*args):
 
 
 def test_champion_loads_by_alias_and_predicts_files(tracking_env, tiny_data, tmp_path):
-    cfg = load_config("cnn", overrides=["train.epochs=4", "model.widths=[8,16]", f"data.data_dir={tiny_data}",
-                                        "tracking.experiment=predict"])
-    run_experiment(cfg)
+    train("cnn", tiny_data, "predict", "train.epochs=4", "model.widths=[8,16]")
     images, labels = synthetic(6, seed=7)  # the learnable classes of the tiny set
     model = mlflow.pyfunc.load_model("models:/fmnist-cnn@champion")
     table = model.predict(images)
     assert list(table.columns) == ["class", "probability", *CLASSES]
     assert (table["class"] == [CLASSES[k] for k in labels]).mean() >= 0.5  # chance is 0.1
-    with pytest.raises(ValueError, match="dtype float64, expected uint8"):
+    with pytest.raises(MlflowException, match=r"dtype float64 \(0-1 floats\?"):
         model.predict(images / 255.0)
 
     Image.fromarray(images[0]).save(tmp_path / "one.png")
@@ -60,11 +65,26 @@ def test_champion_loads_by_alias_and_predicts_files(tracking_env, tiny_data, tmp
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.strip().splitlines()
     assert len(lines) == 6 and lines[0].startswith(str(tmp_path / "one.png"))
-    assert lines[0].split()[1:-1] == table["class"][0].split()  # the same answer as the pyfunc, with p in 0-1
-    assert 0.1 <= float(lines[0].split()[-1]) <= 1
+    assert lines[0].split()[1:-1] == table["class"][0].split()  # the same answer as the pyfunc
+    assert float(lines[0].split()[-1]) == pytest.approx(table["probability"][0], abs=5e-4)
 
     np.save(tmp_path / "floats.npy", images / 255.0)
     out = predict("--model", "models:/fmnist-cnn@champion", str(tmp_path / "floats.npy"))
-    assert out.returncode == 2 and f"{tmp_path / 'floats.npy'}: dtype float64, expected uint8" in out.stderr
+    assert out.returncode == 2 and f"{tmp_path / 'floats.npy'}: dtype float64 (0-1 floats?" in out.stderr
     out = predict("--model", "models:/fmnist-nope@champion", str(tmp_path / "one.png"))
     assert out.returncode == 2 and "--model models:/fmnist-nope@champion: cannot load it" in out.stderr
+
+
+def test_every_registered_model_rescores_the_test_set_to_its_runs_accuracy(tracking_env, tiny_data, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    data = fdata.load(tiny_data, 0.1, seed=0)
+    client = MlflowClient()
+    small = {"ann": ["model.widths=[16]"], "cnn": ["model.widths=[8,16]"],
+             "transfer": ["model.resolution=32", "model.unfrozen_blocks=1"]}
+    for arch, overrides in small.items():
+        run = client.get_run(train(arch, tiny_data, "rescore", "train.epochs=2", *overrides))
+        [version] = client.search_model_versions(f"run_id = '{run.info.run_id}'")
+        model = mlflow.pyfunc.load_model(f"models:/fmnist-{arch}/{version.version}")
+        table = model.predict(data.x_test.numpy())
+        assert (table["class"] == [CLASSES[k] for k in data.y_test]).mean() == run.data.metrics["test_accuracy"], arch

@@ -3,12 +3,17 @@ import torch
 
 from fmnist import data as fdata
 from fmnist.config import TrainConfig
+from fmnist.errors import Diverged
 from fmnist.models import build_model
-from fmnist.train import augment, fit, resolve_runtime
+from fmnist.train import augment, fit, resolve_runtime, validate
 
 
 def small_cfg(**kw) -> TrainConfig:
     return TrainConfig(**({"epochs": 3, "batch_size": 64, "lr": 3e-3, "threads": 2} | kw))
+
+
+def train(model, data, cfg, callbacks=()):
+    return fit(model, data, cfg, resolve_runtime(cfg, model), callbacks)
 
 
 def test_augment_shifts_and_flips_without_changing_shape_or_dtype():
@@ -27,24 +32,41 @@ def test_augment_shifts_and_flips_without_changing_shape_or_dtype():
 
 def test_fit_learns_tiny_data_and_restores_the_best_epoch(tiny_data):
     data = fdata.load(tiny_data, 0.2, seed=0)
-    calls = []
+    calls, weights = [], {}
+    model = build_model("cnn", widths=(8, 16), convs_per_block=1)
 
     class Recorder:
         def on_epoch_end(self, epoch, metrics):
             calls.append((epoch, metrics))
+            weights[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+            if epoch == 2:  # wreck the weights: the later epochs cannot beat the first two
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.normal_(0, 10)
 
-    model = build_model("cnn", widths=(8, 16), convs_per_block=1)
-    history = fit(model, data, small_cfg(epochs=4, batch_size=32, augment=True), callbacks=[Recorder()])
+    cfg = small_cfg(epochs=4, batch_size=32, augment=True)
+    history = train(model, data, cfg, callbacks=[Recorder()])
     assert [e for e, _ in calls] == [1, 2, 3, 4]
-    assert set(calls[0][1]) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"}
+    assert set(calls[0][1]) == {"train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "elapsed_seconds"}
     assert history.best_val_accuracy == max(m["val_accuracy"] for _, m in calls) > 0.5  # chance is 0.1
-    assert history.epochs[history.best_epoch - 1]["val_accuracy"] == history.best_val_accuracy
+    assert history.best_epoch in (1, 2)
+    restored = model.state_dict()
+    assert all(torch.equal(restored[k].cpu(), v) for k, v in weights[history.best_epoch].items())
+    rt = resolve_runtime(cfg, model)
+    assert validate(model, data.x_val, data.y_val, rt)["accuracy"] == history.best_val_accuracy
 
 
 def test_early_stopping_stops_after_patience(tiny_data):
     data = fdata.load(tiny_data, 0.2, seed=0)
-    history = fit(build_model("ann", widths=(16,)), data, small_cfg(epochs=30, lr=1e-6, patience=2))
-    assert history.stopped_early and len(history.epochs) == history.best_epoch + 2 < 30
+    history = train(build_model("ann", widths=(16,)), data, small_cfg(epochs=30, lr=1e-6, patience=2))
+    assert len(history.epochs) == history.best_epoch + 2 < 30
+
+
+def test_a_non_finite_loss_stops_training_at_once_naming_the_epoch(tiny_data):
+    data = fdata.load(tiny_data, 0.2, seed=0)
+    with pytest.raises(Diverged) as e:
+        train(build_model("ann", widths=(16,)), data, small_cfg(epochs=5, lr=1e30, label_smoothing=0))
+    assert "in epoch 1" in str(e.value) and "try train.lr=1e+29" in str(e.value)
 
 
 @pytest.mark.parametrize("arch", ["ann", "cnn"])
@@ -53,8 +75,9 @@ def test_same_seed_same_metrics_other_seed_other_metrics(tiny_data, arch):
     params = {"widths": (8, 16), "convs_per_block": 1} if arch == "cnn" else {"widths": (32,)}
 
     def run(seed):
-        torch.manual_seed(123)  # fit must not depend on the global RNG state left by others
-        return fit(build_model(arch, **params), data, small_cfg(epochs=2, seed=seed, augment=True)).epochs
+        torch.manual_seed(seed)  # the pipeline seeds the initial weights and dropout once, before building
+        epochs = train(build_model(arch, **params), data, small_cfg(epochs=2, seed=seed, augment=True)).epochs
+        return [{k: v for k, v in e.items() if k != "elapsed_seconds"} for e in epochs]
 
     first, again, other = run(0), run(0), run(1)
     assert first == again

@@ -4,10 +4,12 @@ import torch
 import torch.nn.functional as F
 
 from fmnist import data as fdata
-from fmnist.config import ConfigError, TrainConfig
-from fmnist.features import fold_batchnorm, frozen_features
+from fmnist.config import TrainConfig
+from fmnist.errors import ConfigError, WeightsError
+from fmnist.features import features_dir, prepare
 from fmnist.models import build_model
-from fmnist.models.backbones import WeightsError, load_backbone, torchvision_weights
+from fmnist.models.backbones import load_backbone, torchvision_weights
+from fmnist.models.layers import fold_batchnorm
 from fmnist.train import fit, resolve_runtime
 
 IMAGENET_CATS = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -67,30 +69,77 @@ def test_training_on_cached_features_leaves_frozen_weights_and_batch_norm_untouc
     torch.manual_seed(0)
     model = build_model("transfer", **SMALL)
     before = {k: v.clone() for k, v in model.frozen_part().state_dict().items()}
-    cfg = TrainConfig(epochs=2, batch_size=32, lr=3e-3, threads=2)
-    features = frozen_features(model, data, resolve_runtime(cfg, model), flip=True)
-    assert len(features.data.y_train) == 2 * len(data.y_train)  # a flipped copy of every training image
-    history = fit(model.trained_part(), features.data, cfg)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=3e-3, threads=2, augment=True)
+    rt = resolve_runtime(cfg, model)
+    prepared = prepare(model, data, rt, cfg)
+    assert len(prepared.data.y_train) == 2 * len(data.y_train)  # a flipped copy of every training image
+    assert not prepared.train.augment  # no image augmentation on activations
+    history = fit(prepared.model, prepared.data, prepared.train, rt)
     assert history.best_val_accuracy > 0.3  # chance is 0.1
     for k, v in model.frozen_part().state_dict().items():
         assert torch.equal(v, before[k]), k
 
 
-def test_activation_cache_is_hit_the_second_time_and_keyed_by_content(tiny_data, tmp_path, monkeypatch):
+CFG = TrainConfig(epochs=1, batch_size=32, lr=1e-3)
+
+
+def cached(model, data, rt):
+    return prepare(model, data, rt, CFG)
+
+
+def test_activation_cache_is_hit_the_second_time_and_keyed_by_content_and_weights(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     data = fdata.load(tiny_data, 0.2, seed=0)
     torch.manual_seed(0)
     model = build_model("transfer", **SMALL)
-    rt = resolve_runtime(TrainConfig(), model)
-    first, second = frozen_features(model, data, rt), frozen_features(model, data, rt)
-    assert not first.cache_hit and second.cache_hit
-    assert len(list((tmp_path / "fmnist" / "features").glob("*.pt"))) == 3  # train, validation, test
+    rt = resolve_runtime(CFG, model)
+    first, second = cached(model, data, rt), cached(model, data, rt)
+    assert first.tags == {"feature_cache": "miss"} and second.tags == {"feature_cache": "hit"}
+    assert len(list(features_dir().glob("*.pt"))) == 3  # train, validation, test
     for split in ("x_train", "x_val", "x_test"):
         assert torch.equal(getattr(first.data, split), getattr(second.data, split))
-    assert not frozen_features(model, fdata.load(tiny_data, 0.2, seed=1), rt).cache_hit  # other split, new files
+    assert cached(model, fdata.load(tiny_data, 0.2, seed=1), rt).tags["feature_cache"] == "miss"  # other split
+    with torch.no_grad():
+        model.stages[0][0].weight.mul_(1.01)  # other frozen weights: never served the old activations
+    assert cached(model, data, rt).tags["feature_cache"] == "miss"
     torch.manual_seed(1)
     random = build_model("transfer", **SMALL | {"pretrained": False})
-    assert random.cache_tag is None and not frozen_features(random, data, rt).cache_hit  # nothing to reuse
+    assert random.cache_tag is None and cached(random, data, rt).tags["feature_cache"] == "miss"  # nothing to reuse
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "truncated", "empty"])
+def test_a_damaged_cache_entry_is_reported_removed_and_computed_again(tiny_data, tmp_path, monkeypatch, capsys,
+                                                                     damage):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    data = fdata.load(tiny_data, 0.2, seed=0)
+    torch.manual_seed(0)
+    model = build_model("transfer", **SMALL)
+    rt = resolve_runtime(CFG, model)
+    good = cached(model, data, rt)
+    entry = max(features_dir().glob("*.pt"), key=lambda p: p.stat().st_size)  # the training split's
+    raw = bytearray(entry.read_bytes())
+    if damage == "flipped bytes":  # same size, so only the stored digest can tell
+        middle = len(raw) // 2
+        raw[middle:middle + 64] = bytes(b ^ 0xFF for b in raw[middle:middle + 64])
+    entry.write_bytes(bytes(raw[:len(raw) // 2] if damage == "truncated" else b"" if damage == "empty" else raw))
+    again = cached(model, data, rt)
+    err = capsys.readouterr().err
+    assert f"activation cache entry {entry} is damaged" in err and "removed, computing it again" in err
+    assert again.tags["feature_cache"] == "miss" and torch.equal(again.data.x_train, good.data.x_train)
+    assert cached(model, data, rt).tags["feature_cache"] == "hit"  # written anew, whole
+
+
+def test_a_leftover_half_written_entry_is_cleaned(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    features_dir().mkdir(parents=True)
+    dead = features_dir() / "x-v2-abc.999999999.tmp"  # a writer killed mid-write: no such process
+    dead.write_bytes(b"half")
+    alive = features_dir() / f"x-v2-abc.{__import__('os').getpid()}.tmp"  # a writer still at work
+    alive.write_bytes(b"half")
+    torch.manual_seed(0)
+    model = build_model("transfer", **SMALL)
+    cached(model, fdata.load(tiny_data, 0.2, seed=0), resolve_runtime(CFG, model))
+    assert not dead.exists() and alive.exists()
 
 
 def test_missing_torchvision_weights_name_the_backbone_and_how_to_get_them(tmp_path, monkeypatch):

@@ -12,6 +12,8 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
+from conftest import ROOT
+
 pytestmark = pytest.mark.slow
 
 LR = "tune.space={train.lr: {low: 1.0e-7, high: 0.01, log: true}}"
@@ -70,7 +72,7 @@ def test_search_logs_nested_trials_prunes_and_retrains_the_best(tracking_env, ti
     assert trials[0].data.params["train.lr"] == "0.003" and "test_accuracy" not in trials[0].data.metrics
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "search")}
     assert {"search/trials.csv", "search/optimization_history.png", "search/parallel_coordinate.png",
-            "search/best.json", "search/space.yaml"} <= artifacts
+            "search/best.yaml", "search/space.yaml"} <= artifacts
     # The winner is retrained once, tested and registered, as a run of its own under the search.
     winner = float(parent.data.tags["best.train.lr"])
     assert float(best.data.params["train.lr"]) == winner and "test_accuracy" in best.data.metrics
@@ -87,7 +89,7 @@ def test_interrupted_search_resumes_to_the_requested_total(tracking_env, tiny_da
         assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
         time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    assert proc.wait(timeout=60) == 130, proc.stdout.read()[-3000:]
     interrupted = states(storage, "resume")
     assert interrupted[TrialState.COMPLETE] < 3 and interrupted[TrialState.RUNNING] == 0
 
@@ -167,3 +169,45 @@ def test_transfer_trials_reuse_the_cached_activations_and_a_journal_file_holds_t
     _, trials, best = search_runs("transfer")
     assert [trials[n].data.tags["feature_cache"] for n in (0, 1)] == ["miss", "hit"] and best == []
 
+
+
+def test_a_study_that_outlives_its_tracking_store_or_parent_run_goes_on_in_a_new_parent(tracking_env, tiny_data,
+                                                                                       tmp_path, monkeypatch):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    run(tune_command(tiny_data, storage, "outlives", 1, "tune.retrain=false"), tmp_path)
+    first_parent, _, _ = search_runs("outlives")
+
+    MlflowClient().delete_run(first_parent.info.run_id)  # the parent deleted in this store
+    out = run(tune_command(tiny_data, storage, "outlives", 2, "tune.retrain=false"), tmp_path)
+    assert f"run {first_parent.info.run_id} is deleted" in out.stdout and "goes on in a new parent run" in out.stdout
+
+    fresh = f"sqlite:///{tmp_path / 'fresh-store.db'}"  # the same study, another tracking store
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fresh)
+    out = run(tune_command(tiny_data, storage, "outlives", 3, "tune.retrain=false"), tmp_path)
+    assert "does not exist in" in out.stdout and "goes on in a new parent run" in out.stdout
+    client = MlflowClient(fresh)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert all(r.info.status == "FINISHED" for r in runs)  # no empty FAILED runs
+    [parent] = [r for r in runs if r.data.tags.get("fmnist.kind") == "search"]
+    assert optuna.load_study(study_name="outlives", storage=storage).user_attrs["mlflow_run_id"] == \
+        parent.info.run_id
+
+
+def test_resuming_through_mlflow_run_leaves_no_empty_run_and_a_given_searched_value_is_fixed(tracking_env,
+                                                                                             tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cmd = ["mlflow", "run", str(ROOT), "-e", "ann", "--env-manager", "local", "--experiment-name", "tune-mlrun",
+           "-P", f"data_dir={tiny_data}", "-P", f"storage={storage}", "-P", "study_name=mlrun", "-P", "epochs=2",
+           "-P", "widths=[16]"]
+    for n_trials in (1, 2):
+        out = run([*cmd, "-P", f"n_trials={n_trials}"], tmp_path, timeout=400)
+        assert "train.epochs=2 given, so fixed and not searched" in out.stdout
+    client = MlflowClient()
+    runs = client.search_runs([client.get_experiment_by_name("tune-mlrun").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("fmnist.kind") == "search"]
+    assert len(parents) == 1  # both invocations' trials under one parent
+    empty = [r for r in runs if not r.data.metrics and "mlflow.parentRunId" not in r.data.tags
+             and r.data.tags.get("fmnist.kind") != "search"]
+    assert empty == []
+    trials = [r for r in runs if "optuna.trial" in r.data.tags]
+    assert len(trials) == 2 and all(r.data.params["train.epochs"] == "2" for r in trials)

@@ -10,6 +10,8 @@ from typing import Callable
 
 from torch import nn
 
+from fmnist.errors import ConfigError
+
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
@@ -26,7 +28,6 @@ def available() -> list[str]:
 
 def _builder(name: str) -> Callable[..., nn.Module]:
     if name not in _REGISTRY:
-        from fmnist.config import ConfigError
         raise ConfigError(f"unknown architecture {name!r}; expected one of {', '.join(available())}")
     return _REGISTRY[name]
 
@@ -35,6 +36,12 @@ def builder_params(name: str) -> dict[str, type]:
     """Each keyword parameter of the architecture's builder and its annotated type."""
     sig = inspect.signature(_builder(name), eval_str=True)
     return {p.name: p.annotation for p in sig.parameters.values()}
+
+
+def builder_defaults(name: str) -> dict[str, object]:
+    """The architecture's hyperparameter defaults: its builder's keyword defaults, the one place they live."""
+    sig = inspect.signature(_builder(name))
+    return {p.name: p.default for p in sig.parameters.values() if p.default is not inspect.Parameter.empty}
 
 
 def build_model(name: str, **params) -> nn.Module:

@@ -3,13 +3,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from fmnist.config import ConfigError
+from fmnist.errors import ConfigError
 from fmnist.models import register
-from fmnist.models.layers import Dropout, Normalize
+from fmnist.models.layers import CLASSES, Dropout, Normalize
 
 
 @register("ann")
-def ann(widths: tuple[int, ...] = (512, 256), dropout: float = 0.2, num_classes: int = 10) -> nn.Module:
+def ann(widths: tuple[int, ...] = (1024, 512), dropout: float = 0.2) -> nn.Module:
+    """`widths`: units of each hidden layer (Linear-BN-ReLU-dropout); `dropout`: share of units dropped."""
+    if not all(1 <= w <= 16384 for w in widths):
+        raise ConfigError(f"model.widths={list(widths)}: expected hidden layer widths from 1 to 16384")
     if not 0 <= dropout < 1:
         raise ConfigError(f"model.dropout={dropout}: expected a value in [0, 1)")
     layers: list[nn.Module] = [Normalize(), nn.Flatten()]
@@ -17,5 +20,5 @@ def ann(widths: tuple[int, ...] = (512, 256), dropout: float = 0.2, num_classes:
     for width in widths:
         layers += [nn.Linear(fan_in, width), nn.BatchNorm1d(width), nn.ReLU(inplace=True), Dropout(dropout)]
         fan_in = width
-    layers.append(nn.Linear(fan_in, num_classes))
+    layers.append(nn.Linear(fan_in, CLASSES))
     return nn.Sequential(*layers)

@@ -19,11 +19,9 @@ from typing import Callable
 import torch
 from torch import nn
 
+from fmnist.errors import ConfigError, WeightsError
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-class WeightsError(RuntimeError):
-    """Pretrained weights are not available; the message names the backbone and how to get them."""
 
 
 @dataclass
@@ -51,7 +49,6 @@ def backbones() -> list[str]:
 
 def load_backbone(name: str, pretrained: bool = True) -> Backbone:
     if name not in _BACKBONES:
-        from fmnist.config import ConfigError
         raise ConfigError(f"model.backbone={name!r}: expected one of {', '.join(backbones())}")
     return _BACKBONES[name](pretrained)
 
@@ -90,7 +87,13 @@ def load_by_order(model: nn.Module, state: dict[str, torch.Tensor], name: str) -
         if src.shape != dst.shape:
             raise WeightsError(f"backbone {name}: weight {src_key} {tuple(src.shape)} does not fit "
                                f"{dst_key} {tuple(dst.shape)}")
-    model.load_state_dict(dict(zip(target, state.values())))
+    load_into(model, dict(zip(target, state.values())))
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """load_state_dict, also for a model built on the meta device (config checks): there the tensors are assigned,
+    as copying into meta tensors does nothing."""
+    model.load_state_dict(state, assign=next(model.parameters()).is_meta)
 
 
 def torchvision_weights(name: str) -> dict[str, torch.Tensor]:
@@ -116,7 +119,7 @@ def _torchvision(name: str, pretrained: bool) -> nn.Module:
 
     model = get_model(name, weights=None)
     if pretrained:
-        model.load_state_dict(torchvision_weights(name))
+        load_into(model, torchvision_weights(name))
     return model
 
 

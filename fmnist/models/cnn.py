@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from fmnist.config import ConfigError
+from fmnist.errors import ConfigError
 from fmnist.models import register
-from fmnist.models.layers import Dropout, Normalize
+from fmnist.models.layers import CLASSES, Dropout, Normalize
 
 
 def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
@@ -13,12 +13,17 @@ def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 @register("cnn")
-def cnn(widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 2, dropout: float = 0.25,
-        head_dropout: float = 0.3, num_classes: int = 10) -> nn.Module:
+def cnn(widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 2, dropout: float = 0.1,
+        head_dropout: float = 0.2) -> nn.Module:
+    """`widths`: channels of each block (each halves the image); `dropout` after each block, `head_dropout`
+    before the classifier."""
+    if not 1 <= len(widths) <= 4 or not all(1 <= w <= 1024 for w in widths):
+        raise ConfigError(f"model.widths={list(widths)}: expected 1 to 4 blocks (each halves the 28 px image) of "
+                          "1 to 1024 channels")
+    if not 1 <= convs_per_block <= 4:
+        raise ConfigError(f"model.convs_per_block={convs_per_block}: expected 1 to 4")
     if not (0 <= dropout < 1 and 0 <= head_dropout < 1):
         raise ConfigError(f"model.dropout={dropout}, model.head_dropout={head_dropout}: expected values in [0, 1)")
-    if len(widths) > 4:
-        raise ConfigError(f"model.widths={widths}: at most 4 blocks, each halves the 28 px image")
     layers: list[nn.Module] = [Normalize()]
     c_in = 1
     for width in widths:
@@ -28,5 +33,5 @@ def cnn(widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 2, dropo
         c_in = width
     # Flatten rather than global pooling: where a feature sits (collar, sole, strap) tells garments apart.
     side = 28 >> len(widths)
-    layers += [nn.Flatten(), Dropout(head_dropout), nn.Linear(c_in * side * side, num_classes)]
+    layers += [nn.Flatten(), Dropout(head_dropout), nn.Linear(c_in * side * side, CLASSES)]
     return nn.Sequential(*layers)

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fmnist.config import ConfigError
+from fmnist.errors import ConfigError
 from fmnist.models import register
 from fmnist.models.backbones import load_backbone
+from fmnist.models.layers import CLASSES
 
 MODES = ("frozen", "finetune", "full")
 
@@ -66,8 +67,7 @@ class TransferNet(nn.Module):
 
 @register("transfer")
 def transfer(backbone: str = "efficientnet_lite0", pretrained: bool = True, resolution: int = 112,
-             mode: str = "finetune", unfrozen_blocks: int = 2, hidden: int = 0, dropout: float = 0.4,
-             num_classes: int = 10) -> nn.Module:
+             mode: str = "finetune", unfrozen_blocks: int = 2, hidden: int = 0, dropout: float = 0.4) -> nn.Module:
     """`unfrozen_blocks`: how many of the backbone's last stages train in finetune mode (ignored otherwise)."""
     if mode not in MODES:
         raise ConfigError(f"model.mode={mode!r}: expected one of {', '.join(MODES)}")
@@ -75,6 +75,8 @@ def transfer(backbone: str = "efficientnet_lite0", pretrained: bool = True, reso
         raise ConfigError(f"model.resolution={resolution}: expected 32 to 512 pixels")
     if not 0 <= dropout < 1:
         raise ConfigError(f"model.dropout={dropout}: expected a value in [0, 1)")
+    if not 0 <= hidden <= 16384:
+        raise ConfigError(f"model.hidden={hidden}: expected 0 (no hidden layer) to 16384 units")
     net = load_backbone(backbone, pretrained)
     if mode == "finetune" and not 1 <= unfrozen_blocks < len(net.stages):
         raise ConfigError(f"model.unfrozen_blocks={unfrozen_blocks}: {backbone} has {len(net.stages)} stages; "
@@ -82,7 +84,7 @@ def transfer(backbone: str = "efficientnet_lite0", pretrained: bool = True, reso
     trainable = {"frozen": 0, "finetune": unfrozen_blocks, "full": len(net.stages)}[mode]
     if hidden:
         head = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.features, hidden), nn.ReLU(inplace=True),
-                             nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+                             nn.Dropout(dropout), nn.Linear(hidden, CLASSES))
     else:
-        head = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.features, num_classes))
+        head = nn.Sequential(nn.Dropout(dropout), nn.Linear(net.features, CLASSES))
     return TransferNet(ToImageNet(resolution, net.mean, net.std), net.stages, head, trainable, backbone, pretrained)

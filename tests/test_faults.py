@@ -1,0 +1,187 @@
+"""The tracking record survives real faults: a tracking server killed and started again (a short outage, one that
+outlasts the run), no server at all, a training process killed with SIGKILL, and runs started together on a new
+and an existing SQLite store."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from conftest import free_port, start_server, stop_server
+
+pytestmark = pytest.mark.slow
+
+
+def train(tiny_data, experiment: str, *overrides: str, env=None, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "fmnist", "train", "--arch", "ann", "--data-dir", str(tiny_data),
+                             "--experiment", experiment, "model.widths=[16]", "train.batch_size=32", *overrides],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **popen)
+
+
+def wait_for_epoch(proc: subprocess.Popen, epoch: int, lines: list[str]) -> None:
+    """Read the trainer's stdout until it prints `epoch N/`."""
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f"epoch {epoch:>3}/"):
+            return
+    pytest.fail("training ended before epoch %d: %s" % (epoch, "".join(lines)[-2000:] + proc.stderr.read()[-2000:]))
+
+
+def only_run(client: MlflowClient, experiment: str):
+    [run] = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    return run
+
+
+@pytest.fixture
+def own_server(tmp_path, monkeypatch):
+    """A server this test may kill: (root, port, the running process in a one-element list)."""
+    root, port = tmp_path / "server", free_port()
+    root.mkdir()
+    proc = [start_server(root, port)]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the outbox lives there
+    yield root, port, proc
+    stop_server(proc[0])
+
+
+def test_a_short_outage_loses_nothing_and_is_not_counted_as_training(own_server, tiny_data):
+    root, port, server = own_server
+    proc, out = train(tiny_data, "outage", "train.epochs=60"), []
+    wait_for_epoch(proc, 2, out)
+    stop_server(server[0], signal.SIGKILL)  # the server and its workers, gone at once
+    down = time.time()
+    wait_for_epoch(proc, 20, out)  # training goes on while the server is away
+    time.sleep(max(0.0, 12 - (time.time() - down)))
+    server[0] = start_server(root, port)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert re.search(r"unreachable since \d\d:\d\d:\d\d, \d+ epochs? buffered; retrying \(training goes on\)", stderr)
+    assert "answers again after" in stderr and "Traceback" not in stderr
+    client = MlflowClient()
+    run = only_run(client, "outage")
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == list(range(1, 61))
+    assert run.data.metrics["train_seconds"] < 12  # the outage was not training time
+    assert client.search_model_versions(f"run_id = '{run.info.run_id}'")  # registered after the outage
+
+
+def test_an_outage_that_outlasts_the_run_keeps_its_record_locally_until_sent(own_server, tiny_data):
+    root, port, server = own_server
+    proc, out = train(tiny_data, "lost", "train.epochs=8", "tracking.outage_wait=3"), []
+    wait_for_epoch(proc, 1, out)
+    stop_server(server[0], signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 2, stderr[-3000:]
+    error = [line for line in stderr.splitlines() if line.startswith("fmnist train: error:")]
+    assert len(error) == 1 and "still unreachable after waiting 3 s" in error[0] and "Traceback" not in stderr
+    entry = error[0].split("send it with: fmnist sync ")[1].strip()
+    assert os.path.isfile(os.path.join(entry, "ops.json"))
+
+    server[0] = start_server(root, port)
+    doctor = subprocess.run([sys.executable, "-m", "fmnist", "doctor"], capture_output=True, text=True, timeout=120)
+    assert f"kept locally, not yet sent: {entry}" in doctor.stdout
+    sync = subprocess.run([sys.executable, "-m", "fmnist", "sync"], capture_output=True, text=True, timeout=300)
+    assert sync.returncode == 0 and f"from {entry}" in sync.stdout, sync.stderr[-3000:]
+    assert not os.path.exists(entry)
+    client = MlflowClient()
+    run = only_run(client, "lost")
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == list(range(1, 9))
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {
+        "evaluation/predictions.parquet", "evaluation/confusion_matrix.png"}
+    assert client.get_model_version_by_alias("fmnist-ann", "champion").run_id == run.info.run_id
+
+
+def test_no_server_at_start_is_reported_within_seconds_before_loading_data(tiny_data, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    start = time.time()
+    proc = train(tiny_data, "nowhere", "train.epochs=2")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and time.time() - start < 30
+    assert stderr.strip().splitlines()[-1].startswith("fmnist train: error: MLFLOW_TRACKING_URI=http://127.0.0.1:")
+    assert "the tracking server does not answer" in stderr and "parameters" not in stdout  # no data was loaded
+
+
+def test_a_killed_run_is_ended_failed_by_doctor_and_by_the_next_run(tracking_env, tiny_data):
+    client = MlflowClient()
+    for i, repair in enumerate(("doctor", "next run")):
+        experiment = f"killed-{i}"
+        proc, out = train(tiny_data, experiment, "train.epochs=100000"), []
+        wait_for_epoch(proc, 2, out)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        run = only_run(client, experiment)
+        assert run.info.status == "RUNNING"  # nothing could end it
+        if repair == "doctor":
+            result = subprocess.run([sys.executable, "-m", "fmnist", "doctor", "--experiment", experiment],
+                                    capture_output=True, text=True, timeout=120)
+            assert f"ended run {run.info.run_id} FAILED: its process {proc.pid}" in result.stdout, result.stderr
+        else:
+            again = train(tiny_data, experiment, "train.epochs=1")
+            stdout, stderr = again.communicate(timeout=240)
+            assert again.returncode == 0 and f"ended run {run.info.run_id} FAILED" in stderr
+        run = client.get_run(run.info.run_id)
+        assert run.info.status == "FAILED" and f"process {proc.pid}" in run.data.tags["fmnist.end_reason"]
+
+
+def test_concurrent_runs_on_a_new_and_an_existing_sqlite_store(tiny_data, tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'new.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for round_ in range(2):  # a new store, then the same one again
+        procs = [train(tiny_data, "together", "train.epochs=3", f"train.seed={round_ * 4 + i}", cwd=tmp_path)
+                 for i in range(4)]
+        for proc in procs:
+            stdout, stderr = proc.communicate(timeout=600)
+            assert proc.returncode == 0, stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs)
+    assert {client.get_experiment(r.info.experiment_id).name for r in runs} == {"together"}  # none in Default
+    versions = client.search_model_versions("name = 'fmnist-ann'")
+    assert len(versions) == 8
+    best = max(versions, key=lambda v: (float(v.tags["val_accuracy"]), -int(v.version)))
+    assert client.get_model_version_by_alias("fmnist-ann", "champion").version == best.version
+
+
+def test_an_unwritable_artifact_location_is_refused_before_training(tiny_data, tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    (tmp_path / "a-file").write_text("not a directory")  # refused even to root, unlike a chmod
+    MlflowClient(uri).create_experiment("unwritable", artifact_location=str(tmp_path / "a-file" / "artifacts"))
+    proc = train(tiny_data, "unwritable", "train.epochs=2", cwd=tmp_path)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode == 2 and "Traceback" not in stderr
+    [line] = [line for line in stderr.splitlines() if line.startswith("fmnist train: error:")]
+    assert "does not take files" in line and "it ended FAILED before training" in line
+    assert "epoch" not in stdout
+    run = only_run(MlflowClient(uri), "unwritable")
+    assert run.info.status == "FAILED" and "does not take files" in run.data.tags["fmnist.end_reason"]
+
+
+def test_a_signal_while_the_record_is_sent_ends_the_run_killed_and_keeps_the_rest(own_server, tiny_data):
+    root, port, server = own_server
+    proc, out = train(tiny_data, "late-signal", "train.epochs=3"), []
+    for line in proc.stdout:  # the test metrics are printed; the model and registration are still to be sent
+        out.append(line)
+        if "test accuracy" in line:
+            break
+    os.killpg(server[0].pid, signal.SIGSTOP)  # the server hangs: the record waits in the queue
+    try:
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        os.killpg(server[0].pid, signal.SIGCONT)
+    assert proc.returncode == 143, stderr[-3000:]
+    assert "interrupted while sending run" in stderr and "Traceback" not in stderr
+    entry = stderr.split("send it with: fmnist sync ")[1].split()[0]
+    sync = subprocess.run([sys.executable, "-m", "fmnist", "sync", entry], capture_output=True, text=True, timeout=300)
+    assert sync.returncode == 0, sync.stderr[-3000:]
+    client = MlflowClient()
+    run = only_run(client, "late-signal")
+    assert run.info.status == "FINISHED" and client.search_model_versions(f"run_id = '{run.info.run_id}'")
