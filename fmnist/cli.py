@@ -197,6 +197,7 @@ def doctor_command(args) -> int:
 
     store.configure_http()
     store.check_reachable()
+    store.open_store()
     ids = None
     if args.experiment:
         found = mlflow.get_experiment_by_name(args.experiment)

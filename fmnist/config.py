@@ -51,6 +51,7 @@ class TrainConfig:
     warmup: float = 0.2  # share of the steps spent warming up (onecycle's pct_start; linear warmup for cosine)
     patience: int = 0  # stop after this many epochs without a better validation accuracy; 0 = never stop early
     augment: bool = False  # random shift (+-2 px) and horizontal flip, on the batch tensor
+    erase: float = 0.0  # probability per image of random erasing (one rectangle of 2-20 % of the image set to 0)
     seed: int = 0  # seeds the split, initialisation, shuffling and augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 where the CPU has it, AMP on CUDA) | bf16 | fp32
@@ -176,6 +177,7 @@ def validate(cfg: Config, path: Path) -> None:
         (0 < t.lr <= 10, "train.lr", "a learning rate > 0 and <= 10", t.lr),
         (0 <= t.weight_decay <= 10, "train.weight_decay", "a value in [0, 10]", t.weight_decay),
         (0 <= t.label_smoothing < 1, "train.label_smoothing", "a value in [0, 1)", t.label_smoothing),
+        (0 <= t.erase <= 1, "train.erase", "a probability in [0, 1]", t.erase),
         (0 < t.warmup < 1, "train.warmup", "a share in (0, 1)", t.warmup),
         (t.patience >= 0, "train.patience", "an integer >= 0 (0 = off)", t.patience),
         (t.seed >= 0, "train.seed", "an integer >= 0", t.seed),

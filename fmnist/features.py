@@ -71,7 +71,7 @@ def prepare(model: nn.Module, data: Dataset, rt: Runtime, cfg: TrainConfig) -> P
     seconds, hit = time.perf_counter() - start, all(hits)
     print(f"frozen {model.cut} of {len(model.stages)} stages: activations {tuple(x_train.shape)} in {seconds:.0f}s "
           f"({'from the cache' if hit else 'computed'})", flush=True)
-    return Prepared(model.trained_part(), features, dataclasses.replace(cfg, augment=False),
+    return Prepared(model.trained_part(), features, dataclasses.replace(cfg, augment=False, erase=0.0),
                     {"feature_seconds": seconds}, {"feature_cache": "hit" if hit else "miss"})
 
 

@@ -82,6 +82,22 @@ def augment(x: torch.Tensor, generator: torch.Generator, shift: int = 2) -> torc
     return torch.where(flip.view(n, 1, 1), out.flip(-1), out)
 
 
+def erase(x: torch.Tensor, generator: torch.Generator, p: float, scale=(0.02, 0.2), ratio=(0.3, 3.3)) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2020) for a whole uint8 batch: with probability p an image gets one rectangle
+    of `scale` of its area and aspect `ratio` set to 0 (the background), a different one per image."""
+    n, h, w = x.shape
+    u = torch.rand(5, n, generator=generator)
+    area = (scale[0] + u[0] * (scale[1] - scale[0])) * h * w
+    aspect = torch.exp(math.log(ratio[0]) + u[1] * (math.log(ratio[1]) - math.log(ratio[0])))
+    eh = (area * aspect).sqrt().round().clamp(1, h).long()
+    ew = (area / aspect).sqrt().round().clamp(1, w).long()
+    top, left = (u[2] * (h - eh + 1)).long(), (u[3] * (w - ew + 1)).long()
+    rows, cols = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    box = ((rows >= top.view(n, 1, 1)) & (rows < (top + eh).view(n, 1, 1)) & (cols >= left.view(n, 1, 1))
+           & (cols < (left + ew).view(n, 1, 1)) & (u[4] < p).view(n, 1, 1))
+    return x.masked_fill(box.to(x.device), 0)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters. The fused kernel updates them all in one pass: the MLP's training
     step took 11.9 ms instead of 16.9 ms with the default implementation on the reference CPU."""
@@ -127,6 +143,8 @@ def train_epoch(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, 
         xb, yb = x[idx], y[idx]
         if cfg.augment:
             xb = augment(xb, generator)
+        if cfg.erase:
+            xb = erase(xb, generator, cfg.erase)
         loss, logits = train_step(model, xb, yb, opt, scaler, rt, cfg.label_smoothing)
         scheduler.step()
         loss_sum += loss * len(yb)

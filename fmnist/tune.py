@@ -53,18 +53,21 @@ def tune(arch: str, config_path: str | None, overrides: list[str], tracker: Trac
     if parent_id and (why := store.unusable(parent_id)):
         print(f"fmnist tune: study {study.study_name}'s parent {why}; the search goes on in a new parent run")
         parent_id = None
-    if parent_id and os.environ.get("MLFLOW_RUN_ID"):
-        store.discard_launcher_run(parent_id)  # `mlflow run` made a run for this resume; the search has its own
+    launcher = store.nest_launcher_run(parent_id) if parent_id and os.environ.get("MLFLOW_RUN_ID") else None
     with tracker.run(f"search-{arch}", resume=parent_id) as parent:
         if study.user_attrs.get("mlflow_run_id") != parent.id:
             study.set_user_attr("mlflow_run_id", parent.id)
             parent.set_tags({"fmnist.kind": "search", "optuna.study": study.study_name,
                              "optuna.storage": _redacted(cfg.tune.storage)})
         objective = Objective(arch, config_path, list(overrides), cfg, data, parent.id, tracker)
+        before = len(study.trials)
         if not enough(study, cfg.tune.n_trials):
             study.optimize(objective, n_jobs=cfg.tune.n_jobs, timeout=cfg.tune.timeout or None, catch=(ConfigError,),
                            callbacks=[lambda s, _: enough(s, cfg.tune.n_trials) and s.stop()])
         best = _best(study)
+        if launcher:  # what this resume added, on the run `mlflow run` made for it
+            store.log_metrics_to(launcher, {"trials_added": len(study.trials) - before} |
+                                 ({"best_val_accuracy": best["value"]} if best else {}))
         log_search(parent, study, cfg.tune.space, best)
         if best is None:
             raise SearchError(f"study {study.study_name}: no trial completed, nothing to retrain")

@@ -117,6 +117,7 @@ def tracking_env(mlflow_server, monkeypatch):
 
     mlflow.set_tracking_uri(mlflow_server)
     yield mlflow_server
+    mlflow.set_tracking_uri(None)  # back to MLFLOW_TRACKING_URI: a later test may point it at a store of its own
 
 
 @pytest.fixture(scope="session")

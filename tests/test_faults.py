@@ -36,16 +36,24 @@ def only_run(client: MlflowClient, experiment: str):
     return run
 
 
-@pytest.fixture
-def own_server(tmp_path, monkeypatch):
-    """A server this test may kill: (root, port, the running process in a one-element list)."""
-    root, port = tmp_path / "server", free_port()
-    root.mkdir()
+@pytest.fixture(scope="module")
+def killable_server(tmp_path_factory):
+    """A server the tests of this module kill and start again: (root, port, the running process in a list)."""
+    root, port = tmp_path_factory.mktemp("killable-server"), free_port()
     proc = [start_server(root, port)]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the outbox lives there
     yield root, port, proc
     stop_server(proc[0])
+
+
+@pytest.fixture
+def own_server(killable_server, tmp_path, monkeypatch):
+    """That server, running (started again if a test left it down), as this test's tracking store."""
+    root, port, proc = killable_server
+    if proc[0].poll() is not None:
+        proc[0] = start_server(root, port)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the outbox lives there
+    yield killable_server
 
 
 def test_a_short_outage_loses_nothing_and_is_not_counted_as_training(own_server, tiny_data):
@@ -93,7 +101,7 @@ def test_an_outage_that_outlasts_the_run_keeps_its_record_locally_until_sent(own
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val_accuracy")] == list(range(1, 9))
     assert {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")} >= {
         "evaluation/predictions.parquet", "evaluation/confusion_matrix.png"}
-    assert client.get_model_version_by_alias("fmnist-ann", "champion").run_id == run.info.run_id
+    assert [v.run_id for v in client.search_model_versions(f"run_id = '{run.info.run_id}'")] == [run.info.run_id]
 
 
 def test_no_server_at_start_is_reported_within_seconds_before_loading_data(tiny_data, monkeypatch):

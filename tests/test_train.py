@@ -5,7 +5,7 @@ from fmnist import data as fdata
 from fmnist.config import TrainConfig
 from fmnist.errors import Diverged
 from fmnist.models import build_model
-from fmnist.train import augment, fit, resolve_runtime, validate
+from fmnist.train import augment, erase, fit, resolve_runtime, validate
 
 
 def small_cfg(**kw) -> TrainConfig:
@@ -28,6 +28,21 @@ def test_augment_shifts_and_flips_without_changing_shape_or_dtype():
     no_shift = augment(x, g, shift=0)
     flipped = no_shift[:, 14, 13] == 255  # a flip of column 14 lands at column 13
     assert 10 < flipped.sum() < 54  # about half are flipped
+
+
+def test_random_erasing_blanks_one_rectangle_per_chosen_image():
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((2000, 28, 28), 200, dtype=torch.uint8)
+    out = erase(x, g, p=0.5)
+    erased = (out == 0).flatten(1).sum(1)
+    assert out.dtype == torch.uint8 and set(out.unique().tolist()) <= {0, 200}
+    assert 0.45 < (erased > 0).float().mean() < 0.55  # about half the images
+    share = erased[erased > 0].float() / 784
+    assert share.min() >= 0.005 and share.max() <= 0.25  # 2-20 % of the area, give or take the rounding
+    for image in out[erased > 0][:50]:  # one solid rectangle: its bounding box is all zeros
+        rows, cols = (image == 0).nonzero().T
+        assert (image[rows.min():rows.max() + 1, cols.min():cols.max() + 1] == 0).all()
+    assert torch.equal(erase(x, torch.Generator().manual_seed(0), p=0.0), x)
 
 
 def test_fit_learns_tiny_data_and_restores_the_best_epoch(tiny_data):

@@ -5,8 +5,7 @@
   file lock; MLflow's migration is not safe to run concurrently), and a creation race is settled by reading the
   winner's experiment. Runs are then started with that explicit experiment id.
 - A RUNNING run whose process is gone (on this host: its pid is dead; elsewhere: no heartbeat for 3 intervals) is
-  ended FAILED
-  with the reason in the tag `fmnist.end_reason`, by later runs, `fmnist compare` and `fmnist doctor`.
+  ended FAILED, with the reason in the tag `fmnist.end_reason`, by later runs and `fmnist doctor`.
 """
 from __future__ import annotations
 
@@ -133,7 +132,8 @@ def stale_reason(tags: dict[str, str], now: float) -> str | None:
 
 
 def end_stale_runs(experiment_ids: list[str] | None = None) -> list[tuple[str, str]]:
-    """End FAILED every RUNNING run whose process is gone; returns (run id, reason) for each."""
+    """End FAILED every RUNNING run whose process is gone (a search trial's is also tagged trial_state=STALE);
+    returns (run id, reason) for each."""
     client = mlflow.MlflowClient()
     if experiment_ids is None:
         experiment_ids = [e.experiment_id for e in client.search_experiments()]
@@ -143,6 +143,8 @@ def end_stale_runs(experiment_ids: list[str] | None = None) -> list[tuple[str, s
     for run in client.search_runs(experiment_ids, "attributes.status = 'RUNNING'", max_results=1000):
         reason = stale_reason(run.data.tags, now)
         if reason:
+            if "optuna.trial" in run.data.tags:
+                client.set_tag(run.info.run_id, "trial_state", "STALE")
             client.set_tag(run.info.run_id, REASON_TAG, reason)
             client.set_terminated(run.info.run_id, "FAILED")
             ended.append((run.info.run_id, reason))
@@ -174,14 +176,19 @@ def end_stale_trial_run(parent_run_id: str, study: str, number: int) -> None:
         client.set_terminated(run.info.run_id, "FAILED")
 
 
-def discard_launcher_run(search_run_id: str) -> None:
-    """`mlflow run` made a run for this process, but a resumed search logs to its own parent run: end and delete
-    the launcher's run, so resumes leave no empty runs behind (`mlflow run` then finds it ended)."""
-    client, run_id = mlflow.MlflowClient(), os.environ.pop("MLFLOW_RUN_ID")
-    client.set_tag(run_id, "fmnist.resumed", search_run_id)
-    client.set_terminated(run_id, "FINISHED")
-    client.delete_run(run_id)
-    print(f"fmnist tune: resuming the search in its run {search_run_id}; mlflow run's own run {run_id} is removed")
+def nest_launcher_run(search_run_id: str) -> str:
+    """`mlflow run` made a run for this process, but a resumed search logs to its own parent run: the launcher's
+    run becomes a `resume` child of that parent, which records what this invocation added, so resumes leave no
+    empty runs (`mlflow run` ends it as usual)."""
+    run_id = os.environ.pop("MLFLOW_RUN_ID")
+    mlflow.MlflowClient().log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in {
+        "mlflow.parentRunId": search_run_id, "fmnist.kind": "search-resume", "mlflow.runName": "resume"}.items()])
+    return run_id
+
+
+def log_metrics_to(run_id: str, metrics: dict[str, float]) -> None:
+    mlflow.MlflowClient().log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), int(time.time() * 1000), 0)
+                                                     for k, v in metrics.items()])
 
 
 def finished_training_runs(experiment: str, filter_string: str = "") -> tuple[str, pd.DataFrame]:
