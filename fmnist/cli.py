@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--arch", required=True, help="architecture: ann, cnn or transfer (an unknown name lists the "
                                                       "registered ones)")
         p.add_argument("--config", help="experiment file (default: experiments/<arch>.yaml)")
+        p.add_argument("--budget", default="", help="a named budget: 'long' reads experiments/<arch>-long.yaml (more "
+                                                    "epochs, larger batches: for more time or a GPU)")
         p.add_argument("--data-dir", help="directory with the four Fashion-MNIST IDX files (same as data.data_dir)")
         p.add_argument("--experiment", help="MLflow experiment name (same as tracking.experiment)")
         p.add_argument("--n-trials", type=int, help="trials the study should hold in all (tune.n_trials; "
@@ -122,10 +124,26 @@ def tracker_for(cfg):
                          cfg.tracking.outage_wait)
 
 
+def experiment_file(args) -> str | None:
+    """--config, or the file of --budget NAME (experiments/<arch>-NAME.yaml), or None: experiments/<arch>.yaml."""
+    from fmnist.config import EXPERIMENTS_DIR
+
+    if not args.budget:
+        return args.config
+    if args.config:
+        raise ConfigError("--budget and --config: expected one of the two")
+    path = EXPERIMENTS_DIR / f"{args.arch}-{args.budget}.yaml"
+    if not path.is_file():
+        budgets = sorted(f.stem.split("-", 1)[1] for f in EXPERIMENTS_DIR.glob(f"{args.arch}-*.yaml"))
+        raise ConfigError(f"--budget {args.budget}: no {path.name}; expected one of {', '.join(budgets) or 'none'}")
+    return str(path)
+
+
 def train_command(args) -> int:
     from fmnist.config import load_config
     from fmnist.pipeline import NullTracker, run_experiment
 
+    args.config = experiment_file(args)
     overrides = run_overrides(args)
     cfg = load_config(args.arch, args.config, overrides)
     if args.command == "tune" or cfg.tune.n_trials:
@@ -135,7 +153,12 @@ def train_command(args) -> int:
 
         tune(args.arch, args.config, overrides, tracker_for(cfg))
         return 0
-    run_experiment(cfg, NullTracker() if args.dry_run else tracker_for(cfg))
+    if args.dry_run:
+        tracker = NullTracker()
+        run_experiment(cfg, tracker)
+        print(f"not tracked (--dry-run): the evaluation and the model are in {tracker.folder}")
+    else:
+        run_experiment(cfg, tracker_for(cfg))
     return 0
 
 

@@ -103,6 +103,15 @@ def test_bad_experiment_file_is_named(tmp_path):
         load_config("cnn", bad)
 
 
+def test_every_budget_file_loads_and_an_unknown_budget_lists_them(capsys):
+    for path in EXPERIMENTS_DIR.glob("*-*.yaml"):
+        assert load_config(path.stem.split("-")[0], path).train.epochs >= 1
+    from fmnist.cli import main
+
+    assert main(["train", "--arch", "transfer", "--budget", "huge", "--dry-run"]) == 2
+    assert "--budget huge: no transfer-huge.yaml; expected one of long" in capsys.readouterr().err
+
+
 def test_every_architecture_has_an_experiment_file():
     assert {p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")} >= set(available())
 

@@ -66,7 +66,7 @@ class MLflowTracker:
             run = MLflowRun(run_id, self.heartbeat, self.outage_wait)
             yield run
         except Pruned:  # a search stopped this trial on purpose: finished early, not failed
-            run.close("FINISHED")
+            end(run, run_id, "FINISHED", None)
             raise
         except KeyboardInterrupt as e:
             end(run, run_id, "KILLED", f"interrupted ({e or 'Ctrl-C'})")
@@ -91,7 +91,7 @@ def probe_artifacts(client: mlflow.MlflowClient, run_id: str) -> None:
         raise TrackingError(f"run {run_id}: {reason}; it ended FAILED before training") from None
 
 
-def end(run: MLflowRun | None, run_id: str, status: str, reason: str) -> None:
+def end(run: MLflowRun | None, run_id: str, status: str, reason: str | None) -> None:
     """End a run that stopped on an error or a signal: through its queue if it has one, else directly."""
     if run is not None:
         run.close(status, reason, raise_outage=False)
@@ -177,7 +177,7 @@ class MLflowRun:
                 raise TrackingError(f"run {self.id}: MLflow refused part of its record, so it ended FAILED: "
                                     + "; ".join(errors))
             return
-        self.sender.stop()
+        self.sender.stop(wait=5)
         entry = self.sender.keep()
         message = (f"tracking store {mlflow.get_tracking_uri()} still unreachable after waiting "
                    f"{self.outage_wait:.0f} s: run {self.id}'s record is kept in {entry}; send it with: "

@@ -157,7 +157,7 @@ class Sender:
                     self._down()
                     with self.cond:
                         self.cond.wait(delay)  # a stop() wakes it at once
-                    delay = min(delay * 2, 30.0)
+                    delay = min(delay * 2, 10.0)  # a retry every 10 s at most: quick to resume, light on a server
                     continue
                 self.state.setdefault("errors", []).append(f"{op['op']}: {' '.join(str(e).split())[:300]}")
             with self.cond:

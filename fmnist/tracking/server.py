@@ -13,4 +13,6 @@ def serve(host: str, port: int, root: Path, workers: int = 1) -> None:
             "--backend-store-uri", f"sqlite:///{(root / 'mlflow.db').resolve()}",
             "--artifacts-destination", str((root / "mlartifacts").resolve())]
     print(" ".join(argv[2:]), flush=True)
+    # MLflow 3 also starts five job-runner processes for its GenAI jobs, which fmnist does not use: off unless asked.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     os.execv(sys.executable, argv)

@@ -151,16 +151,22 @@ def end_stale_runs(experiment_ids: list[str] | None = None) -> list[tuple[str, s
     return ended
 
 
-def end_now(run_id: str, status: str, reason: str) -> None:
-    """One quick attempt to end a run as the process stops; if the store does not answer in seconds, the run's
-    outbox entry or `fmnist doctor` ends it later."""
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"], os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "5", "0"
+def end_now(run_id: str, status: str, reason: str | None) -> None:
+    """One quick attempt (5 s, no retries) to end a run; if the store does not answer, the run's outbox entry or
+    `fmnist doctor` ends it later."""
+    quick = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "5", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
     try:
         client = mlflow.MlflowClient()
-        client.set_tag(run_id, REASON_TAG, reason)
+        if reason:
+            client.set_tag(run_id, REASON_TAG, reason)
         client.set_terminated(run_id, status)
     except Exception:
         pass
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def end_stale_trial_run(parent_run_id: str, study: str, number: int) -> None:
