@@ -32,8 +32,9 @@ $(VENV)/.installed: pyproject.toml
 main: setup
 	. $(VENV)/bin/activate && mlflow run . -e main --env-manager local --experiment-name $(EXPERIMENT)
 
+# Two workers, each test file on one of them (a file's tests share its servers and fixtures).
 test: setup postgres
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 bench: setup
 	$(PY) benchmarks/throughput.py

@@ -142,7 +142,8 @@ def postgres_url():
 
     pg("initdb", "-D", str(root / "data"), "-U", "fmnist", "--auth=trust", "-E", "UTF8")
     pg("pg_ctl", "-D", str(root / "data"), "-l", str(root / "server.log"), "-w", "start",
-       "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1")
+       "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+       "-c full_page_writes=off")  # a throwaway cluster: durability only costs time
     try:
         pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "fmnist", "optuna")
         yield f"postgresql://fmnist@127.0.0.1:{port}/optuna"

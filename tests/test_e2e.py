@@ -33,7 +33,7 @@ def test_mlflow_run_cnn_logs_a_complete_loadable_run(tracking_env, tiny_data):
     p, m, tags = run.data.params, run.data.metrics, run.data.tags
     assert p["train.epochs"] == "2" and p["model.widths"] == "8,16" and p["model.arch"] == "cnn"
     assert p["train.augment"] == "True" and p["data.data_dir"] == str(tiny_data)
-    assert p["train.lr"] == "0.003" and p["model.dropout"] == "0.1"  # not given: resolved from their one home
+    assert p["train.lr"] == "0.0031" and p["model.dropout"] == "0.06"  # not given: resolved from their one home
     assert tags["architecture"] == "cnn" and tags["torch_version"] and tags["device"].startswith("cpu")
     note = tags["mlflow.note.content"]  # the run's description in the UI
     assert note.startswith("cnn (widths=8,16 ") and "test accuracy" in note

@@ -107,7 +107,7 @@ def test_two_workers_share_one_study_without_losing_or_repeating_trials(tracking
     storage = (f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite"
                else request.getfixturevalue("postgres_url"))
     study = f"workers-{backend}"
-    cmd = tune_command(tiny_data, storage, study, 6, "train.epochs=15", "train.threads=1", "tune.pruner=none")
+    cmd = tune_command(tiny_data, storage, study, 4, "train.epochs=15", "train.threads=1", "tune.pruner=none")
     workers = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                for _ in range(2)]  # started together: both race to create the tables and the study
     for worker in workers:
@@ -116,7 +116,7 @@ def test_two_workers_share_one_study_without_losing_or_repeating_trials(tracking
 
     trials = optuna.load_study(study_name=study, storage=storage).trials
     finished = [t for t in trials if t.state == TrialState.COMPLETE]
-    assert 6 <= len(finished) <= 7  # two trials can start at the very same moment; none is lost
+    assert 4 <= len(finished) <= 5  # two trials can start at the very same moment; none is lost
     assert len({t.number for t in trials}) == len(trials) and all(t.state != TrialState.RUNNING for t in trials)
     parent, runs, best = search_runs(study)
     assert sorted(runs) == sorted(t.number for t in trials)  # every trial exactly one run, under one parent

@@ -53,9 +53,16 @@ def tags(client, run_id: str, state: dict, values: dict) -> None:
 
 @operation
 def inputs(client, run_id: str, state: dict, datasets: list[dict]) -> None:
-    client.log_inputs(run_id, datasets=[DatasetInput(Dataset(**d["dataset"]), [InputTag("mlflow.data.context",
-                                                                                        d["context"])])
-                                        for d in datasets])
+    batch = [DatasetInput(Dataset(**d["dataset"]), [InputTag("mlflow.data.context", d["context"])])
+             for d in datasets]
+    try:
+        client.log_inputs(run_id, datasets=batch)
+    except Exception as e:
+        # Two runs logging the same new dataset at once: MLflow checks, then inserts, so the slower one fails the
+        # unique constraint. The dataset exists by then, and asking again links it.
+        if "UNIQUE constraint failed" not in str(e) and "duplicate key" not in str(e):
+            raise
+        client.log_inputs(run_id, datasets=batch)
 
 
 @operation
