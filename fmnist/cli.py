@@ -189,16 +189,11 @@ def compare_command(args) -> int:
 
 
 def predict_command(args) -> int:
-    from mlflow.exceptions import MlflowException
-
     from fmnist.predict import read_images
-    from fmnist.tracking.pyfunc import load_classifier
+    from fmnist.tracking.pyfunc import classify
 
     images, names = read_images(args.files)
-    try:
-        table = load_classifier(args.model).predict(images)
-    except MlflowException as e:
-        raise ConfigError(f"--model {args.model}: {e.message}") from None
+    table = classify(args.model, images)
     width = max(map(len, names))
     for name, label, p in zip(names, table["class"], table["probability"]):
         print(f"{name:<{width}}  {label:<12} {p:.3f}")
@@ -213,21 +208,13 @@ def server_command(args) -> int:
 
 
 def doctor_command(args) -> int:
-    import mlflow
-
     from fmnist.tracking import store
     from fmnist.tracking.sender import outbox_dir
 
     store.configure_http()
     store.check_reachable()
     store.open_store()
-    ids = None
-    if args.experiment:
-        found = mlflow.get_experiment_by_name(args.experiment)
-        if found is None:
-            raise ConfigError(f"--experiment {args.experiment}: no such experiment at {mlflow.get_tracking_uri()}")
-        ids = [found.experiment_id]
-    ended = store.end_stale_runs(ids)
+    ended = store.end_stale_runs_in(args.experiment)
     for run_id, reason in ended:
         print(f"ended run {run_id} FAILED: {reason}")
     kept = sorted(p.parent for p in outbox_dir().glob("*/ops.json"))

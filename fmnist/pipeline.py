@@ -20,11 +20,11 @@ import torch
 from fmnist import data as fdata
 from fmnist.config import Config
 from fmnist.data import Dataset
+from fmnist.errors import Pruned
 from fmnist.evaluate import write_evaluation
 from fmnist.features import Prepared, prepare
 from fmnist.models import build_model
 from fmnist.predict import Classifier, export_network
-from fmnist.errors import Pruned
 from fmnist.train import Callback, History, Runtime, fit, predict_logits, resolve_runtime
 
 

@@ -7,7 +7,7 @@ from PIL import Image
 from fmnist.data import CLASSES
 from fmnist.models import build_model
 from fmnist.errors import InputError
-from fmnist.predict import Classifier, check_images, export_network, read_images
+from fmnist.predict import Classifier, batch_for, check_images, export_network, read_images
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,15 @@ def test_classifier_picks_its_precision_when_loaded(cnn):
     bf16 = Classifier(program, "bf16")
     assert bf16.runtime.autocast is torch.bfloat16 and bf16.runtime.channels_last
     assert (Classifier(program, "auto").runtime.autocast is torch.bfloat16) == native_bf16()
+
+
+def test_each_forward_pass_keeps_its_largest_activation_within_the_budget(cnn):
+    small = export_network(cnn, np.zeros((2, 28, 28), np.uint8)).module()  # 8 x 28 x 28 values per image
+    assert Classifier(small).batch_size == 256
+    big = torch.nn.Sequential(torch.nn.Upsample(size=256), torch.nn.Conv2d(1, 16, 3, padding=1))
+    program = torch.export.export(big.eval(), (torch.zeros(2, 1, 28, 28),)).module()  # 16 x 256 x 256 per image
+    assert Classifier(program).batch_size == 2 ** 24 // (16 * 256 * 256) == 16
+    assert batch_for(big) == 256  # a plain module records no shapes
 
 
 def test_classifier_answers_class_names_and_probabilities(cnn):

@@ -77,6 +77,15 @@ def save_model(path: Path, network: Path, example: np.ndarray) -> None:
     mlflow.pyfunc.save_model(str(path), **model_arguments(network, example))
 
 
+def classify(model_uri: str, images: np.ndarray):
+    """`fmnist predict`: the model's table (class, probability, one column per class) for these images."""
+    model = load_classifier(model_uri)
+    try:
+        return model.predict(images)
+    except MlflowException as e:
+        raise ConfigError(f"--model {model_uri}: {e.message}") from None
+
+
 def load_classifier(model_uri: str):
     """A logged or registered model (`models:/fmnist-cnn@champion`, `runs:/<id>/model`) as a pyfunc model."""
     try:

@@ -151,6 +151,16 @@ def end_stale_runs(experiment_ids: list[str] | None = None) -> list[tuple[str, s
     return ended
 
 
+def end_stale_runs_in(experiment: str | None) -> list[tuple[str, str]]:
+    """`fmnist doctor`: end the stale runs of one experiment (by name), or of all."""
+    if experiment is None:
+        return end_stale_runs()
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        raise ConfigError(f"--experiment {experiment}: no such experiment at {mlflow.get_tracking_uri()}")
+    return end_stale_runs([found.experiment_id])
+
+
 def end_now(run_id: str, status: str, reason: str | None) -> None:
     """One quick attempt (5 s, no retries) to end a run; if the store does not answer, the run's outbox entry or
     `fmnist doctor` ends it later."""
