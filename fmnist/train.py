@@ -127,13 +127,18 @@ def train_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, opt: torch.
     return loss.detach(), logits.detach()
 
 
+def epoch_steps(n: int, batch_size: int) -> tuple[int, int]:
+    """(batch, steps) of an epoch over n images in whole batches (a last batch of 1 would break batch norm)."""
+    batch = min(batch_size, n)
+    return batch, n // batch
+
+
 def train_epoch(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, opt, scheduler, scaler,
                 generator: torch.Generator, epoch: int) -> dict[str, float]:
-    """One pass over the shuffled training split in whole batches (a last batch of 1 would break batch norm)."""
+    """One pass over the shuffled training split in whole batches."""
     model.train()
     x, y = data.x_train, data.y_train
-    batch = min(cfg.batch_size, len(y))
-    steps = len(y) // batch
+    batch, steps = epoch_steps(len(y), cfg.batch_size)
     order = torch.randperm(len(y), generator=generator).to(rt.device)
     loss_sum = torch.zeros((), device=rt.device)
     correct = torch.zeros((), device=rt.device, dtype=torch.long)
@@ -186,7 +191,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, callback
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
     data = dataclasses.replace(data, x_train=data.x_train.to(rt.device), y_train=data.y_train.to(rt.device))
     opt = make_optimizer(model, cfg)
-    scheduler = make_scheduler(opt, cfg, cfg.epochs * (len(data.y_train) // min(cfg.batch_size, len(data.y_train))))
+    scheduler = make_scheduler(opt, cfg, cfg.epochs * epoch_steps(len(data.y_train), cfg.batch_size)[1])
     scaler = torch.amp.GradScaler(enabled=rt.autocast is torch.float16)
     history, best, start = History(), BestWeights(), time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):

@@ -9,6 +9,7 @@ from collections import Counter
 
 import optuna
 import pytest
+import sqlalchemy.exc
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
@@ -149,7 +150,10 @@ def test_killed_worker_trial_is_failed_and_retried(tracking_env, tiny_data, tmp_
 
 
 def _exists(storage: str, study: str) -> bool:
-    return os.path.exists(storage.removeprefix("sqlite:///")) and study in optuna.get_all_study_names(storage)
+    try:
+        return os.path.exists(storage.removeprefix("sqlite:///")) and study in optuna.get_all_study_names(storage)
+    except sqlalchemy.exc.SQLAlchemyError:  # the worker is creating the tables this very moment: not yet
+        return False
 
 
 def _trial_run_started(study: str) -> bool:
