@@ -110,8 +110,10 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total_steps,
                                                    pct_start=cfg.warmup)
     warmup = max(1, int(cfg.warmup * total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(
-        math.pi * min(1.0, max(0, s - warmup) / max(1, total_steps - warmup))))))
+    schedulers = torch.optim.lr_scheduler
+    return schedulers.SequentialLR(opt, [schedulers.LinearLR(opt, 1 / warmup, total_iters=warmup - 1),
+                                         schedulers.CosineAnnealingLR(opt, T_max=total_steps - warmup)],
+                                   milestones=[warmup])
 
 
 def train_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, opt: torch.optim.Optimizer,

@@ -5,7 +5,7 @@ from fmnist import data as fdata
 from fmnist.config import TrainConfig
 from fmnist.errors import Diverged
 from fmnist.models import build_model
-from fmnist.train import augment, erase, fit, resolve_runtime, validate
+from fmnist.train import augment, erase, fit, make_scheduler, resolve_runtime, validate
 
 
 def small_cfg(**kw) -> TrainConfig:
@@ -43,6 +43,25 @@ def test_random_erasing_blanks_one_rectangle_per_chosen_image():
         rows, cols = (image == 0).nonzero().T
         assert (image[rows.min():rows.max() + 1, cols.min():cols.max() + 1] == 0).all()
     assert torch.equal(erase(x, torch.Generator().manual_seed(0), p=0.0), x)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "onecycle"])
+def test_schedules_warm_up_to_the_peak_then_anneal_to_zero(schedule):
+    # 20 steps, warmup 0.25: cosine rises linearly over 5 steps (0.2, 0.4, ..., 1.0 of the peak lr), then falls as
+    # (1 + cos(pi * k / 15)) / 2 over the remaining 15: k = 5 gives 0.75, k = 15 gives 0.
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = make_scheduler(opt, TrainConfig(lr=0.1, schedule=schedule, warmup=0.25), total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    peak = max(range(20), key=lrs.__getitem__)
+    assert lrs[peak] == pytest.approx(0.1) and peak in (4, 5)
+    assert lrs[:peak + 1] == sorted(lrs[:peak + 1]) and lrs[peak:] == sorted(lrs[peak:], reverse=True)
+    if schedule == "cosine":
+        assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
+        assert lrs[10] == pytest.approx(0.075) and opt.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
 
 
 def test_fit_learns_tiny_data_and_restores_the_best_epoch(tiny_data):
