@@ -67,3 +67,27 @@ def test_fast_dropout_keeps_the_expected_value(p):
     torch.manual_seed(0)
     out = Dropout(p)(torch.ones(4000, 4000))
     assert out.mean().item() == pytest.approx(1.0, abs=5e-4)  # 16M elements: sampling error ~1e-4
+
+
+def test_cnn_layouts_place_pooling_and_stem_where_asked():
+    from fmnist.models.layers import fold_batchnorm
+
+    def conv_sides(model):
+        sides = []
+        hooks = [m.register_forward_hook(lambda m, i, o: sides.append(i[0].shape[-1]))
+                 for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+        model.eval()(torch.zeros(2, 28, 28, dtype=torch.uint8))
+        [h.remove() for h in hooks]
+        return sides
+
+    assert conv_sides(build_model("cnn", widths=(8, 16))) == [28, 28, 14, 14]
+    early = build_model("cnn", widths=(8, 16), stem=4, pool_early=True)
+    assert conv_sides(early) == [28, 28, 14, 14, 7]  # stem, then each block's second conv after its pooling
+    # Batch norm after a max pool stays unfolded (max does not commute with a negative scale): same outputs.
+    torch.manual_seed(0)
+    for bn in (m for m in early.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.weight.data.uniform_(-1, 1), bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    x = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
+    torch.testing.assert_close(fold_batchnorm(early)(x), early.eval()(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ConfigError, match="model.stem=-1"):
+        build_model("cnn", stem=-1)

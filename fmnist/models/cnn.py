@@ -14,22 +14,34 @@ def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
 
 @register("cnn")
 def cnn(widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 2, dropout: float = 0.06,
-        head_dropout: float = 0.06) -> nn.Module:
+        head_dropout: float = 0.06, stem: int = 0, pool_early: bool = False) -> nn.Module:
     """`widths`: channels of each block (each halves the image); `dropout` after each block, `head_dropout`
-    before the classifier (light: with label smoothing 0.19 they scored best in benchmarks/accuracy.csv)."""
+    before the classifier (light: with label smoothing 0.19 they scored best in benchmarks/accuracy.csv).
+    `stem`: channels of one extra convolution at full resolution (0: none); `pool_early`: pool after each block's
+    first convolution (airbench's layout, the rest of the block at half the cost) instead of at its end. Neither
+    paid here at equal time (benchmarks/accuracy.csv), so both are off."""
     if not 1 <= len(widths) <= 4 or not all(1 <= w <= 1024 for w in widths):
         raise ConfigError(f"model.widths={list(widths)}: expected 1 to 4 blocks (each halves the 28 px image) of "
                           "1 to 1024 channels")
     if not 1 <= convs_per_block <= 4:
         raise ConfigError(f"model.convs_per_block={convs_per_block}: expected 1 to 4")
+    if not 0 <= stem <= 1024:
+        raise ConfigError(f"model.stem={stem}: expected 0 (no stem) to 1024 channels")
     if not (0 <= dropout < 1 and 0 <= head_dropout < 1):
         raise ConfigError(f"model.dropout={dropout}, model.head_dropout={head_dropout}: expected values in [0, 1)")
-    layers: list[nn.Module] = [Normalize()]
-    c_in = 1
+    layers: list[nn.Module] = [Normalize()] + (conv_bn(1, stem) if stem else [])
+    c_in = stem or 1
     for width in widths:
-        for i in range(convs_per_block):
-            layers += conv_bn(c_in if i == 0 else width, width)
-        layers += [nn.MaxPool2d(2), Dropout(dropout)]
+        if pool_early:
+            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(width),
+                       nn.ReLU(inplace=True)]
+            for _ in range(convs_per_block - 1):
+                layers += conv_bn(width, width)
+            layers += [Dropout(dropout)]
+        else:
+            for i in range(convs_per_block):
+                layers += conv_bn(c_in if i == 0 else width, width)
+            layers += [nn.MaxPool2d(2), Dropout(dropout)]
         c_in = width
     # Flatten rather than global pooling: where a feature sits (collar, sole, strap) tells garments apart.
     side = 28 >> len(widths)
