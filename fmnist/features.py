@@ -5,7 +5,8 @@ normalise, the frozen backbone stages) gives the same output in every epoch, run
 per image set and its activations are cached on disk; training then runs only the trained stages on them.
 
 A cache entry is keyed by the frozen part (backbone, resolution, cut, precision, a digest of its weights) and a
-digest of the images, so a different split, dataset, flip or set of weights is never served stale activations.
+digest of the images, so a different dataset, flip or set of weights is never served stale activations; the
+training and validation images are one entry whatever the split, so a run with another seed reuses it.
 Each entry stores a digest of its own contents, checked on every read: a truncated or altered file is reported,
 removed and computed again.
 """
@@ -20,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -62,17 +64,30 @@ def prepare(model: nn.Module, data: Dataset, rt: Runtime, cfg: TrainConfig) -> P
             write_entry(path, out)
         return out
 
-    x_train, y_train = activations("train", data.x_train), data.y_train
+    # Training and validation images are extracted together in an order of their own, not the split's, so every
+    # seed's split (each run of a multi-seed study) reads the activations the first one computed.
+    pool, where = distinct(torch.cat([data.x_train, data.x_val]))
+    train_at, val_at = where[:len(data.y_train)], where[len(data.y_train):]
+    pooled = activations("train + validation", pool)
+    x_train, x_val, y_train = pooled[train_at], pooled[val_at], data.y_train
     if cfg.augment:
-        x_train = torch.cat([x_train, activations("train flipped", data.x_train.flip(-1))])
+        x_train = torch.cat([x_train, activations("train + validation, flipped", pool.flip(-1))[train_at]])
         y_train = torch.cat([y_train, y_train])
-    features = dataclasses.replace(data, x_train=x_train, y_train=y_train, x_val=activations("validation", data.x_val),
+    features = dataclasses.replace(data, x_train=x_train, y_train=y_train, x_val=x_val,
                                    x_test=activations("test", data.x_test))
     seconds, hit = time.perf_counter() - start, all(hits)
     print(f"frozen {model.cut} of {len(model.stages)} stages: activations {tuple(x_train.shape)} in {seconds:.0f}s "
           f"({'from the cache' if hit else 'computed'})", flush=True)
     return Prepared(model.trained_part(), features, dataclasses.replace(cfg, augment=False, erase=0.0),
                     {"feature_seconds": seconds}, {"feature_cache": "hit" if hit else "miss"})
+
+
+def distinct(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct images in byte order (the same whatever order they came in), and where each given one is."""
+    rows = np.ascontiguousarray(images.numpy().reshape(len(images), -1))
+    found, where = np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel(), return_inverse=True)
+    return (torch.from_numpy(found.view(np.uint8).reshape(-1, *images.shape[1:]).copy()),
+            torch.from_numpy(where.ravel()))
 
 
 def features_dir() -> Path:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from fmnist import data as fdata
 from fmnist.config import TrainConfig
 from fmnist.errors import ConfigError, WeightsError
-from fmnist.features import features_dir, prepare
+from fmnist.features import extract, features_dir, prepare
 from fmnist.models import build_model
 from fmnist.models.backbones import load_backbone, torchvision_weights
 from fmnist.models.layers import fold_batchnorm
@@ -95,10 +95,17 @@ def test_activation_cache_is_hit_the_second_time_and_keyed_by_content_and_weight
     rt = resolve_runtime(CFG, model)
     first, second = cached(model, data, rt), cached(model, data, rt)
     assert first.tags == {"feature_cache": "miss"} and second.tags == {"feature_cache": "hit"}
-    assert len(list(features_dir().glob("*.pt"))) == 3  # train, validation, test
+    assert len(list(features_dir().glob("*.pt"))) == 2  # train + validation, test
     for split in ("x_train", "x_val", "x_test"):
         assert torch.equal(getattr(first.data, split), getattr(second.data, split))
-    assert cached(model, fdata.load(tiny_data, 0.2, seed=1), rt).tags["feature_cache"] == "miss"  # other split
+    # Another seed splits the same images otherwise: it reads the same entry, each image's own activations.
+    other = fdata.load(tiny_data, 0.2, seed=1)
+    assert not torch.equal(other.x_val, data.x_val)
+    reused = cached(model, other, rt)
+    assert reused.tags["feature_cache"] == "hit" and len(list(features_dir().glob("*.pt"))) == 2
+    frozen = fold_batchnorm(model.frozen_part())
+    for images, activations in ((other.x_train, reused.data.x_train), (other.x_val, reused.data.x_val)):
+        torch.testing.assert_close(activations, extract(frozen, images, rt, CFG.eval_batch_size, "check"))
     with torch.no_grad():
         model.stages[0][0].weight.mul_(1.01)  # other frozen weights: never served the old activations
     assert cached(model, data, rt).tags["feature_cache"] == "miss"
