@@ -112,7 +112,7 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
     warmup = max(1, int(cfg.warmup * total_steps))
     schedulers = torch.optim.lr_scheduler
     return schedulers.SequentialLR(opt, [schedulers.LinearLR(opt, 1 / warmup, total_iters=warmup - 1),
-                                         schedulers.CosineAnnealingLR(opt, T_max=total_steps - warmup)],
+                                         schedulers.CosineAnnealingLR(opt, T_max=max(1, total_steps - warmup))],
                                    milestones=[warmup])
 
 

@@ -18,8 +18,8 @@ def cnn(widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 2, dropo
     """`widths`: channels of each block (each halves the image); `dropout` after each block, `head_dropout`
     before the classifier (light: with label smoothing 0.19 they scored best in benchmarks/accuracy.csv).
     `stem`: channels of one extra convolution at full resolution (0: none); `pool_early`: pool after each block's
-    first convolution (airbench's layout, the rest of the block at half the cost) instead of at its end. Neither
-    paid here at equal time (benchmarks/accuracy.csv), so both are off."""
+    first convolution (airbench's layout: the rest of the block on a quarter of the pixels) instead of at its end.
+    Neither paid here at equal time (benchmarks/accuracy.csv), so both are off."""
     if not 1 <= len(widths) <= 4 or not all(1 <= w <= 1024 for w in widths):
         raise ConfigError(f"model.widths={list(widths)}: expected 1 to 4 blocks (each halves the 28 px image) of "
                           "1 to 1024 channels")
