@@ -62,6 +62,9 @@ def test_schedules_warm_up_to_the_peak_then_anneal_to_zero(schedule):
     if schedule == "cosine":
         assert lrs[:5] == pytest.approx([0.02, 0.04, 0.06, 0.08, 0.1])
         assert lrs[10] == pytest.approx(0.075) and opt.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+    one_step = make_scheduler(opt, TrainConfig(lr=0.1, schedule=schedule, warmup=0.25), total_steps=1)
+    opt.step()
+    one_step.step()  # a run of one step (tiny data, one epoch) must not divide by zero
 
 
 def test_fit_learns_tiny_data_and_restores_the_best_epoch(tiny_data):
