@@ -5,7 +5,7 @@ from fmnist import data as fdata
 from fmnist.config import TrainConfig
 from fmnist.errors import Diverged
 from fmnist.models import build_model
-from fmnist.train import augment, erase, fit, make_scheduler, resolve_runtime, validate
+from fmnist.train import augment, erase, fit, make_optimizer, make_scheduler, resolve_runtime, validate
 
 
 def small_cfg(**kw) -> TrainConfig:
@@ -91,6 +91,16 @@ def test_fit_learns_tiny_data_and_restores_the_best_epoch(tiny_data):
     assert all(torch.equal(restored[k].cpu(), v) for k, v in weights[history.best_epoch].items())
     rt = resolve_runtime(cfg, model)
     assert validate(model, data.x_val, data.y_val, rt)["accuracy"] == history.best_val_accuracy
+
+
+@pytest.mark.parametrize("optimizer,lr,weight_decay", [("adamw", 3e-3, 0.05), ("sgd", 0.05, 5e-4)])
+def test_each_optimizer_learns_tiny_data(tiny_data, optimizer, lr, weight_decay):
+    data = fdata.load(tiny_data, 0.2, seed=0)
+    cfg = small_cfg(epochs=3, batch_size=32, lr=lr, weight_decay=weight_decay, optimizer=optimizer)
+    model = build_model("cnn", widths=(8, 16), convs_per_block=1)
+    history = train(model, data, cfg)
+    assert history.best_val_accuracy > 0.5  # chance is 0.1
+    assert type(make_optimizer(model, cfg)).__name__.lower() == optimizer
 
 
 def test_early_stopping_stops_after_patience(tiny_data):
