@@ -77,7 +77,8 @@ def test_cnn_layouts_place_pooling_and_stem_where_asked():
         hooks = [m.register_forward_hook(lambda m, i, o: sides.append(i[0].shape[-1]))
                  for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
         model.eval()(torch.zeros(2, 28, 28, dtype=torch.uint8))
-        [h.remove() for h in hooks]
+        for hook in hooks:
+            hook.remove()
         return sides
 
     assert conv_sides(build_model("cnn", widths=(8, 16))) == [28, 28, 14, 14]
@@ -86,7 +87,10 @@ def test_cnn_layouts_place_pooling_and_stem_where_asked():
     # Batch norm after a max pool stays unfolded (max does not commute with a negative scale): same outputs.
     torch.manual_seed(0)
     for bn in (m for m in early.modules() if isinstance(m, torch.nn.BatchNorm2d)):
-        bn.weight.data.uniform_(-1, 1), bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        with torch.no_grad():
+            bn.weight.uniform_(-1, 1)
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
     x = torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8)
     torch.testing.assert_close(fold_batchnorm(early)(x), early.eval()(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="model.stem=-1"):

@@ -32,16 +32,9 @@ def cnn(widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 2, dropo
     layers: list[nn.Module] = [Normalize()] + (conv_bn(1, stem) if stem else [])
     c_in = stem or 1
     for width in widths:
-        if pool_early:
-            layers += [nn.Conv2d(c_in, width, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(width),
-                       nn.ReLU(inplace=True)]
-            for _ in range(convs_per_block - 1):
-                layers += conv_bn(width, width)
-            layers += [Dropout(dropout)]
-        else:
-            for i in range(convs_per_block):
-                layers += conv_bn(c_in if i == 0 else width, width)
-            layers += [nn.MaxPool2d(2), Dropout(dropout)]
+        block = [m for i in range(convs_per_block) for m in conv_bn(c_in if i == 0 else width, width)]
+        block.insert(1 if pool_early else len(block), nn.MaxPool2d(2))  # early: between first conv and its BN
+        layers += block + [Dropout(dropout)]
         c_in = width
     # Flatten rather than global pooling: where a feature sits (collar, sole, strap) tells garments apart.
     side = 28 >> len(widths)
