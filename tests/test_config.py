@@ -113,6 +113,17 @@ def test_every_budget_file_loads_and_an_unknown_budget_lists_them(capsys):
     assert "--budget huge: no transfer-huge.yaml; expected one of long" in capsys.readouterr().err
 
 
+def test_overrides_may_follow_an_option(capsys):
+    from fmnist.cli import main
+
+    # Checked, not refused: the override after --dry-run reaches the configuration (and fails its range check).
+    assert main(["train", "--arch", "cnn", "train.seed=1", "--dry-run", "train.lr=-1"]) == 2
+    assert "train.lr=-1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # an unknown option is still argparse's error
+        main(["train", "--arch", "cnn", "train.seed=1", "--dry-run", "--nope", "train.lr=1"])
+    assert e.value.code == 2 and "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
 def test_every_architecture_has_an_experiment_file():
     assert {p.stem for p in EXPERIMENTS_DIR.glob("*.yaml")} >= set(available())
 
