@@ -86,7 +86,7 @@ def distinct(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The distinct images in byte order (the same whatever order they came in), and where each given one is."""
     rows = np.ascontiguousarray(images.numpy().reshape(len(images), -1))
     found, where = np.unique(rows.view(np.dtype((np.void, rows.shape[1]))).ravel(), return_inverse=True)
-    return (torch.from_numpy(found.view(np.uint8).reshape(-1, *images.shape[1:]).copy()),
+    return (torch.from_numpy(found.view(np.uint8).reshape(-1, *images.shape[1:])),  # np.unique's own array
             torch.from_numpy(where.ravel()))
 
 
