@@ -186,3 +186,22 @@ def test_a_signal_while_the_record_is_sent_ends_the_run_killed_and_keeps_the_res
     client = MlflowClient()
     run = only_run(client, "late-signal")
     assert run.info.status == "FINISHED" and client.search_model_versions(f"run_id = '{run.info.run_id}'")
+
+
+def test_a_backlog_of_epochs_is_sent_in_a_few_requests_in_order(tracking_env, tmp_path):
+    from fmnist.tracking.sender import Sender
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment("backlog")).info.run_id
+    sender = Sender(run_id, tmp_path)
+    with sender.cond:  # the queue an outage or a slow server leaves behind: 1,200 epochs, then a tag
+        sender.ops.extend({"op": "metrics", "values": {"loss": 1 / epoch, "epoch": epoch}, "step": epoch,
+                           "timestamp": 1000 * epoch} for epoch in range(1, 1201))
+        sender.ops.append({"op": "tags", "values": {"after": "the metrics"}})
+        sender.cond.notify_all()
+    sender.finish()
+    assert not sender.ops and "errors" not in sender.state
+    assert sender.requests == 4  # 2,400 metrics in 3 requests of at most 1,000, then the tag
+    history = client.get_metric_history(run_id, "epoch")
+    assert [(m.step, m.value, m.timestamp) for m in history] == [(e, e, 1000 * e) for e in range(1, 1201)]
+    assert client.get_run(run_id).data.tags["after"] == "the metrics"

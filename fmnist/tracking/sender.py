@@ -8,6 +8,7 @@ its outbox folder (~/.cache/fmnist/outbox/<run id>); `fmnist sync` sends it late
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -27,6 +28,7 @@ from fmnist.data import cache_dir
 from fmnist.errors import TrackingError
 
 OPS = {}  # operation name -> function(client, run_id, state, **arguments)
+MAX_METRICS = 1000  # MLflow's log_batch takes at most this many metrics per request
 
 
 def operation(fn):
@@ -136,6 +138,7 @@ class Sender:
         self.cond = threading.Condition()
         self.stopping = self.abandon = False
         self.down_since: float | None = None
+        self.requests = 0  # requests sent (a run of consecutive epochs' metrics goes as one)
         self.thread = threading.Thread(target=self._work, name="fmnist-tracking", daemon=True)
         self.thread.start()
 
@@ -156,9 +159,10 @@ class Sender:
                     self.cond.wait()
                 if not self.ops or self.abandon:
                     return
-                op = self.ops[0]
+                head = self._head()
             try:
-                run(client, self.run_id, self.state, op)
+                send(client, self.run_id, self.state, head)
+                self.requests += 1
             except Exception as e:
                 if transient(e):
                     self._down()
@@ -166,9 +170,10 @@ class Sender:
                         self.cond.wait(delay)  # a stop() wakes it at once
                     delay = min(delay * 2, 10.0)  # a retry every 10 s at most: quick to resume, light on a server
                     continue
-                self.state.setdefault("errors", []).append(f"{op['op']}: {' '.join(str(e).split())[:300]}")
+                self.state.setdefault("errors", []).append(f"{head[0]['op']}: {' '.join(str(e).split())[:300]}")
             with self.cond:
-                self.ops.popleft()
+                for _ in head:
+                    self.ops.popleft()
                 self.cond.notify_all()
             if self.down_since is not None:
                 print(f"fmnist: tracking store {mlflow.get_tracking_uri()} answers again after "
@@ -176,6 +181,18 @@ class Sender:
                       flush=True)
                 self.down_since = None
             delay = 1.0
+
+    def _head(self) -> list[dict]:
+        """The next operation, or the run of consecutive epochs' metrics at the queue's head (up to MAX_METRICS):
+        a backlog left by an outage or a slow server then drains in a few requests instead of one per epoch."""
+        head, size = [self.ops[0]], len(self.ops[0].get("values", ()))
+        if head[0]["op"] == "metrics":
+            for op in itertools.islice(self.ops, 1, None):
+                size += len(op["values"]) if op["op"] == "metrics" else MAX_METRICS
+                if size > MAX_METRICS:
+                    break
+                head.append(op)
+        return head
 
     def _down(self) -> None:
         if self.down_since is None:
@@ -220,6 +237,14 @@ class Sender:
         (self.stage / "ops.json").write_text(json.dumps({"run_id": self.run_id, "tracking_uri": absolute_uri(),
                                                          "state": self.state, "ops": ops}, indent=1))
         return self.stage
+
+
+def send(client, run_id: str, state: dict, head: list[dict]) -> None:
+    """One request: a single operation, or several epochs' metrics in one batch."""
+    if len(head) == 1:
+        return run(client, run_id, state, head[0])
+    client.log_batch(run_id, metrics=[Metric(k, float(v), op["timestamp"], op["step"])
+                                      for op in head for k, v in op["values"].items()])
 
 
 def run(client, run_id: str, state: dict, op: dict) -> None:
