@@ -21,6 +21,11 @@ from fmnist.data import IMAGE_MAGIC, LABEL_MAGIC
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv running the tests: `mlflow` and `python` come from here
 
+# A shell starts a background job (`make test &`) with SIGINT ignored, and the processes the tests start would
+# inherit that and never see the Ctrl-C the interrupt tests send. A handler here is reset to the default in them.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def write_idx(path: Path, array: np.ndarray, magic: int, compress: bool = True) -> Path:
     header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)

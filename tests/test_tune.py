@@ -83,9 +83,7 @@ def test_search_logs_nested_trials_prunes_and_retrains_the_best(tracking_env, ti
 
 def test_interrupted_search_resumes_to_the_requested_total(tracking_env, tiny_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    # Trials of ~9 s: the window for the interrupt (two trials and the retraining) outlasts the polling, which
-    # opens the storage afresh each time and was seen to lag by over 10 s on a loaded machine.
-    cmd = tune_command(tiny_data, storage, "resume", 3, "train.epochs=120", "tune.pruner=none")
+    cmd = tune_command(tiny_data, storage, "resume", 3, "train.epochs=40", "tune.pruner=none")
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 180
     while not _exists(storage, "resume") or states(storage, "resume")[TrialState.COMPLETE] < 1:
