@@ -1,6 +1,6 @@
 """Optuna search over the `tune.space` of experiments/<arch>.yaml; each trial is a nested MLflow run.
 
-The only module that imports optuna. A study lives in an Optuna storage (default: the SQLite file optuna.db), so
+With storages.py, the only module that imports optuna. A study lives in an Optuna storage (default: the SQLite file optuna.db), so
 re-running the same command resumes it, and any number of workers, on any number of machines, can share it
 through one storage URL (postgresql://...). Running trials send heartbeats; a trial whose worker died is failed
 and queued again. `tune.n_trials` is the total the study should reach, whoever runs the trials. The first trial
@@ -19,18 +19,16 @@ import warnings
 from pathlib import Path
 
 import optuna
-import sqlalchemy.exc
 import yaml
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import TrialState
 
 from fmnist import data as fdata
 from fmnist.config import Config, load_config, parse_overrides
-from fmnist.errors import ConfigError, SearchError
+from fmnist.errors import ConfigError, Pruned, SearchError
 from fmnist.pipeline import Run, Tracker, run_experiment
+from fmnist.storages import Remembering, open_storage, redacted, retry
 from fmnist.tracking import store
-from fmnist.errors import Pruned
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial prints its own epochs
 # fail_stale_trials and the matplotlib plots are marked experimental; they are the documented way all the same
@@ -48,7 +46,8 @@ def tune(arch: str, config_path: str | None, overrides: list[str], tracker: Trac
     if not cfg.tune.space:
         raise ConfigError(f"tune.space of {arch} is empty: declare the search space in experiments/{arch}.yaml")
     data = fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)  # bad data: no study, no run
-    study, created = open_study(cfg, cfg.tune.study_name or f"{tracker.experiment}-{arch}")
+    storage = open_storage(cfg.tune.storage, cfg.tune.heartbeat, on_stale=retry_stale_trial)
+    study, created = open_study(cfg, cfg.tune.study_name or f"{tracker.experiment}-{arch}", storage)
     parent_id = None if created else parent_run_of(study)
     if parent_id and (why := store.unusable(parent_id)):
         print(f"fmnist tune: study {study.study_name}'s parent {why}; the search goes on in a new parent run")
@@ -58,12 +57,11 @@ def tune(arch: str, config_path: str | None, overrides: list[str], tracker: Trac
         if study.user_attrs.get("mlflow_run_id") != parent.id:
             study.set_user_attr("mlflow_run_id", parent.id)
             parent.set_tags({"fmnist.kind": "search", "optuna.study": study.study_name,
-                             "optuna.storage": _redacted(cfg.tune.storage)})
+                             "optuna.storage": redacted(cfg.tune.storage)})
         objective = Objective(arch, config_path, list(overrides), cfg, data, parent.id, tracker)
         before = len(study.trials)
         if not enough(study, cfg.tune.n_trials):
-            study.optimize(objective, n_jobs=cfg.tune.n_jobs, timeout=cfg.tune.timeout or None, catch=(ConfigError,),
-                           callbacks=[lambda s, _: enough(s, cfg.tune.n_trials) and s.stop()])
+            optimize(study, storage, objective, cfg)
         best = _best(study)
         if launcher:  # what this resume added, on the run `mlflow run` made for it
             store.log_metrics_to(launcher, {"trials_added": len(study.trials) - before} |
@@ -86,6 +84,19 @@ def tune(arch: str, config_path: str | None, overrides: list[str], tracker: Trac
         study.set_user_attr(key, f"run {run_id}")
         print(f"{summary}; retrained and tested as run {run_id}")
         return run_id
+
+
+def optimize(study: optuna.Study, storage: Remembering, objective: Objective, cfg: Config) -> None:
+    """Trials until the study holds n_trials. Optuna fails a trial that Ctrl-C or SIGTERM stops in its objective,
+    but not one the signal catches between its creation and its objective; this worker fails those itself."""
+    try:
+        study.optimize(objective, n_jobs=cfg.tune.n_jobs, timeout=cfg.tune.timeout or None, catch=(ConfigError,),
+                       callbacks=[lambda s, _: enough(s, cfg.tune.n_trials) and s.stop()])
+    except KeyboardInterrupt:
+        for trial_id in storage.started:
+            if storage.get_trial(trial_id).state == TrialState.RUNNING:
+                storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        raise
 
 
 def log_search(parent: Run, study: optuna.Study, space: dict, best: dict | None) -> None:
@@ -144,7 +155,6 @@ class Objective:
         return outcome.history.best_val_accuracy
 
 
-
 class PruneOnEpoch:
     """Training callback: each epoch's validation accuracy to Optuna, and stop when the pruner says so."""
 
@@ -157,11 +167,10 @@ class PruneOnEpoch:
             raise Pruned(f"trial {self.trial.number} pruned after epoch {epoch}")
 
 
-def open_study(cfg: Config, name: str) -> tuple[optuna.Study, bool]:
+def open_study(cfg: Config, name: str, storage: optuna.storages.BaseStorage) -> tuple[optuna.Study, bool]:
     """Create the study, or load it when it exists; returns it and whether this worker created it. Safe when
     several workers start at once: the storage lets exactly one create it."""
-    where = f"tune.storage={cfg.tune.storage}"
-    storage = _retry(lambda: open_storage(cfg.tune.storage, cfg.tune.heartbeat), where)
+    where = f"tune.storage={redacted(cfg.tune.storage)}"
 
     def create(seed: int, load: bool) -> optuna.Study:
         return optuna.create_study(
@@ -170,10 +179,10 @@ def open_study(cfg: Config, name: str) -> tuple[optuna.Study, bool]:
             sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True), pruner=make_pruner(cfg.tune.pruner, cfg))
 
     try:
-        study = _retry(lambda: create(cfg.tune.seed, load=False), where)
+        study = retry(lambda: create(cfg.tune.seed, load=False), where)
     except optuna.exceptions.DuplicatedStudyError:
         # resumed or joined: a seed of its own, or it would replay the samples already tried
-        return _retry(lambda: create(cfg.tune.seed + 1 + random.randrange(10**6), load=True), where), False
+        return retry(lambda: create(cfg.tune.seed + 1 + random.randrange(10**6), load=True), where), False
     defaults = {k: _label(v) for k, v in cfg.flat().items() if k in cfg.tune.space and _inside(v, cfg.tune.space[k])}
     study.enqueue_trial(defaults)
     return study, True
@@ -185,19 +194,6 @@ def parent_run_of(study: optuna.Study, wait: float = 10) -> str | None:
     while "mlflow_run_id" not in study.user_attrs and time.monotonic() < deadline:
         time.sleep(0.5)
     return study.user_attrs.get("mlflow_run_id")  # None: made outside fmnist, or its creator died; make one
-
-
-def open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
-    if url.endswith(".log"):  # a journal file: many processes on one file system; no heartbeat there
-        return JournalStorage(JournalFileBackend(url))
-    try:
-        return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                          heartbeat_stale_trial_callback=retry_stale_trial)
-    except sqlalchemy.exc.ArgumentError as e:
-        raise ConfigError(f"tune.storage={url}: not a database URL or a journal file *.log ({e})") from None
-    except ImportError:
-        raise ConfigError(f"tune.storage={_redacted(url)}: the database driver is not installed (psycopg[binary] "
-                          "for postgresql://, pymysql for mysql+pymysql://)") from None
 
 
 def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
@@ -275,23 +271,3 @@ def _figures(study: optuna.Study) -> dict[str, object]:
         except (ValueError, RuntimeError, ZeroDivisionError) as e:
             print(f"note: no {name} plot ({e})")
     return figures
-
-
-def _redacted(url: str) -> str:
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url  # a journal file path
-
-
-def _retry(make, what: str, attempts: int = 6):
-    """Workers that start together race to create tables and the study; the losers try again shortly after."""
-    for attempt in range(attempts):
-        try:
-            return make()
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
-            if attempt == attempts - 1:
-                raise ConfigError(f"{what}: {str(e).splitlines()[0]}") from None
-            time.sleep(0.2 * 2 ** attempt + random.random() * 0.2)
-    raise AssertionError("unreachable")
-

@@ -14,6 +14,9 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import ROOT
+from fmnist.config import load_config
+from fmnist.storages import open_storage
+from fmnist.tune import optimize
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +103,28 @@ def test_interrupted_search_resumes_to_the_requested_total(tracking_env, tiny_da
     assert parent.info.status == "FINISHED" and best.info.status == "FINISHED"
     assert sum(r.data.tags.get("trial_state") == "COMPLETE" for r in trials.values()) == 3
     assert all(r.info.status in ("FINISHED", "KILLED") for r in trials.values())  # none left RUNNING
+
+
+class InterruptedOnceCreated(optuna.samplers.RandomSampler):
+    """Ctrl-C in the moment after a trial is created and before its objective starts."""
+
+    def before_trial(self, study, trial):
+        raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_ctrl_c_before_a_trials_objective_fails_that_trial_and_no_other_workers(tmp_path, kind):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if kind == "sqlite" else str(tmp_path / "study.log")
+    storage = open_storage(url, heartbeat=60)
+    study = optuna.create_study(storage=storage, study_name="s", sampler=InterruptedOnceCreated())
+    optuna.load_study(study_name="s", storage=open_storage(url, heartbeat=60)).ask()  # trial 0: another worker's
+    study.enqueue_trial({})  # trial 1: queued, then taken by this worker
+    cfg = load_config("ann", None, [])
+    for _ in range(2):  # the queued trial, then a new one (trial 2)
+        with pytest.raises(KeyboardInterrupt):
+            optimize(study, storage, lambda trial: 1.0, cfg)
+    assert [t.state for t in optuna.load_study(study_name="s", storage=open_storage(url, 60)).trials] == \
+        [TrialState.RUNNING, TrialState.FAIL, TrialState.FAIL]
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
