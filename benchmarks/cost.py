@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import sys
 import time
 
 import torch
 
 from fmnist import data as fdata
 from fmnist.config import load_config
+from fmnist.errors import UserError
 from fmnist.models import build_model
-from fmnist.train import augment, epoch_steps, make_optimizer, resolve_runtime, train_step
+from fmnist.train import augment, epoch_steps, erase, make_optimizer, resolve_runtime, train_step
 
 
 class Candidate:
@@ -26,24 +28,29 @@ class Candidate:
         self.cfg = load_config(arch, overrides=overrides)
         self.model = build_model(arch, **self.cfg.model.params)
         self.rt = resolve_runtime(self.cfg.train, self.model)
-        self.model.to(memory_format=torch.channels_last if self.rt.channels_last else torch.contiguous_format)
+        self.model.to(self.rt.device,
+                      memory_format=torch.channels_last if self.rt.channels_last else torch.contiguous_format)
         self.model.train()
         self.opt = make_optimizer(self.model, self.cfg.train)
-        self.scaler = torch.amp.GradScaler(enabled=False)
+        self.scaler = torch.amp.GradScaler(enabled=self.rt.autocast is torch.float16)
         self.batch, self.steps_per_epoch = epoch_steps(len(data.y_train), self.cfg.train.batch_size)
-        self.x, self.y = data.x_train, data.y_train
+        self.x, self.y = data.x_train.to(self.rt.device), data.y_train.to(self.rt.device)
         self.generator = torch.Generator().manual_seed(0)
         self.seconds, self.steps = 0.0, 0
 
     def run(self, steps: int, timed: bool = True) -> None:
         start = time.perf_counter()
         for _ in range(steps):
-            idx = torch.randint(0, len(self.y), (self.batch,), generator=self.generator)
+            idx = torch.randint(0, len(self.y), (self.batch,), generator=self.generator).to(self.rt.device)
             xb = self.x[idx]
-            if self.cfg.train.augment:
+            if self.cfg.train.augment:  # as train_epoch does
                 xb = augment(xb, self.generator)
+            if self.cfg.train.erase:
+                xb = erase(xb, self.generator, self.cfg.train.erase)
             train_step(self.model, xb, self.y[idx], self.opt, self.scaler, self.rt, self.cfg.train.label_smoothing)
         if timed:
+            if self.rt.device.type == "cuda":
+                torch.cuda.synchronize()
             self.seconds += time.perf_counter() - start
             self.steps += steps
 
@@ -52,17 +59,27 @@ class Candidate:
         return self.cfg.train.epochs * self.steps_per_epoch * self.seconds / self.steps
 
 
-def main() -> None:
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("arch")
     ap.add_argument("against", help="overrides of the configuration to compare with, in one string")
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--steps", type=int, default=10, help="optimizer steps of each per round")
+    ap.add_argument("--rounds", type=positive, default=8)
+    ap.add_argument("--steps", type=positive, default=10, help="optimizer steps of each per round")
     args = ap.parse_args()
-    data = fdata.load()
     torch.manual_seed(0)
-    shipped = Candidate(args.arch, [], data)
-    other = Candidate(args.arch, shlex.split(args.against), data)
+    try:
+        data = fdata.load()
+        shipped = Candidate(args.arch, [], data)
+        other = Candidate(args.arch, shlex.split(args.against), data)
+    except UserError as e:
+        print(f"cost.py: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     for c in (shipped, other):
         c.run(3, timed=False)  # warm-up: allocator and oneDNN kernel selection
     for _ in range(args.rounds):
@@ -72,7 +89,8 @@ def main() -> None:
         print(f"{name}: {c.steps * c.batch / c.seconds:,.0f} images/s, batch {c.batch}, {c.cfg.train.epochs} epochs: "
               f"{c.run_seconds():.0f} s of training at this speed")
     print(f"shipped / other, a whole run's training time: {shipped.run_seconds() / other.run_seconds():.2f}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

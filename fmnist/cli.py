@@ -242,7 +242,8 @@ def sync_command(args) -> int:
 
     entries = [Path(e) for e in args.entries] or sorted(p.parent for p in outbox_dir().glob("*/ops.json"))
     for entry in entries:
-        print(f"sent run {sync(entry)} from {entry}")
+        run_id, operations, requests = sync(entry)
+        print(f"sent run {run_id} from {entry}: {operations} operations in {requests} requests")
     if not entries:
         print(f"nothing to send: {outbox_dir()} holds no runs")
     return 0

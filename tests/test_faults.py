@@ -1,6 +1,7 @@
 """The tracking record survives real faults: a tracking server killed and started again (a short outage, one that
 outlasts the run, the backlog it leaves), no server at all, a training process killed with SIGKILL, and runs
 started together on a new and an existing SQLite store."""
+import json
 import os
 import re
 import signal
@@ -189,19 +190,27 @@ def test_a_signal_while_the_record_is_sent_ends_the_run_killed_and_keeps_the_res
 
 
 def test_a_backlog_of_epochs_is_sent_in_a_few_requests_in_order(tracking_env, tmp_path):
-    from fmnist.tracking.sender import Sender
+    from fmnist.tracking.sender import Sender, sync
 
+    backlog = [{"op": "metrics", "values": {"loss": 1 / epoch, "epoch": epoch}, "step": epoch,
+                "timestamp": 1000 * epoch} for epoch in range(1, 1201)] + [
+        {"op": "tags", "values": {"after": "the metrics"}}]  # what an outage or a slow server leaves queued
     client = MlflowClient()
-    run_id = client.create_run(client.create_experiment("backlog")).info.run_id
-    sender = Sender(run_id, tmp_path)
-    with sender.cond:  # the queue an outage or a slow server leaves behind: 1,200 epochs, then a tag
-        sender.ops.extend({"op": "metrics", "values": {"loss": 1 / epoch, "epoch": epoch}, "step": epoch,
-                           "timestamp": 1000 * epoch} for epoch in range(1, 1201))
-        sender.ops.append({"op": "tags", "values": {"after": "the metrics"}})
+    experiment = client.create_experiment("backlog")
+    live, kept = (client.create_run(experiment).info.run_id for _ in range(2))
+    sender = Sender(live, tmp_path)
+    with sender.cond:  # queued at once, as the sender finds it when the server answers again
+        sender.ops.extend(backlog)
         sender.cond.notify_all()
     sender.finish()
     assert not sender.ops and "errors" not in sender.state
     assert sender.requests == 4  # 2,400 metrics in 3 requests of at most 1,000, then the tag
-    history = client.get_metric_history(run_id, "epoch")
-    assert [(m.step, m.value, m.timestamp) for m in history] == [(e, e, 1000 * e) for e in range(1, 1201)]
-    assert client.get_run(run_id).data.tags["after"] == "the metrics"
+    entry = tmp_path / "entry"  # the same backlog kept in an outbox entry, sent by fmnist sync
+    entry.mkdir()
+    (entry / "ops.json").write_text(json.dumps({"run_id": kept, "tracking_uri": tracking_env, "state": {},
+                                                "ops": backlog}))
+    assert sync(entry) == (kept, 1201, 4) and not entry.exists()
+    for run_id in (live, kept):
+        history = client.get_metric_history(run_id, "epoch")
+        assert [(m.step, m.value, m.timestamp) for m in history] == [(e, e, 1000 * e) for e in range(1, 1201)]
+        assert client.get_run(run_id).data.tags["after"] == "the metrics"

@@ -38,11 +38,6 @@ def operation(fn):
 
 
 @operation
-def metrics(client, run_id: str, state: dict, values: dict, step: int, timestamp: int) -> None:
-    client.log_batch(run_id, metrics=[Metric(k, float(v), timestamp, step) for k, v in values.items()])
-
-
-@operation
 def params(client, run_id: str, state: dict, values: dict) -> None:
     items = [Param(k, v) for k, v in values.items()]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
@@ -139,7 +134,7 @@ class Sender:
         self.cond = threading.Condition()
         self.stopping = self.abandon = False
         self.down_since: float | None = None
-        self.requests = 0  # requests sent (a run of consecutive epochs' metrics goes as one)
+        self.requests = 0  # requests sent (consecutive epochs' metrics go as one)
         self.thread = threading.Thread(target=self._work, name="fmnist-tracking", daemon=True)
         self.thread.start()
 
@@ -160,7 +155,7 @@ class Sender:
                     self.cond.wait()
                 if not self.ops or self.abandon:
                     return
-                head = self._head()
+                head = list(itertools.islice(self.ops, next_request(self.ops)))
             try:
                 send(client, self.run_id, self.state, head)
                 self.requests += 1
@@ -182,18 +177,6 @@ class Sender:
                       flush=True)
                 self.down_since = None
             delay = 1.0
-
-    def _head(self) -> list[dict]:
-        """The next operation, or the run of consecutive epochs' metrics at the queue's head (up to MAX_METRICS):
-        a backlog left by an outage or a slow server then drains in a few requests instead of one per epoch."""
-        head, size = [self.ops[0]], len(self.ops[0].get("values", ()))
-        if head[0]["op"] == "metrics":
-            for op in itertools.islice(self.ops, 1, None):
-                size += len(op["values"]) if op["op"] == "metrics" else MAX_METRICS
-                if size > MAX_METRICS:
-                    break
-                head.append(op)
-        return head
 
     def _down(self) -> None:
         if self.down_since is None:
@@ -240,21 +223,33 @@ class Sender:
         return self.stage
 
 
+def next_request(ops) -> int:
+    """How many operations at the head of `ops` go as one request: one, or the run of consecutive epochs' metrics
+    (up to MAX_METRICS values), so a backlog left by an outage or a slow server drains in a few requests, not one
+    per epoch."""
+    if ops[0]["op"] != "metrics":
+        return 1
+    n, size = 1, len(ops[0]["values"])
+    for op in itertools.islice(ops, 1, None):
+        if op["op"] != "metrics" or size + len(op["values"]) > MAX_METRICS:
+            break
+        n, size = n + 1, size + len(op["values"])
+    return n
+
+
 def send(client, run_id: str, state: dict, head: list[dict]) -> None:
-    """One request: a single operation, or several epochs' metrics in one batch."""
-    if len(head) == 1:
-        return run(client, run_id, state, head[0])
-    client.log_batch(run_id, metrics=[Metric(k, float(v), op["timestamp"], op["step"])
-                                      for op in head for k, v in op["values"].items()])
+    """One request for the operations next_request grouped: epochs' metrics in one batch, or one operation."""
+    if head[0]["op"] == "metrics":
+        client.log_batch(run_id, metrics=[Metric(k, float(v), op["timestamp"], op["step"])
+                                          for op in head for k, v in op["values"].items()])
+    else:
+        args = {k: v for k, v in head[0].items() if k != "op"}
+        OPS[head[0]["op"]](client, run_id, state, **args)
 
 
-def run(client, run_id: str, state: dict, op: dict) -> None:
-    args = {k: v for k, v in op.items() if k != "op"}
-    OPS[op["op"]](client, run_id, state, **args)
-
-
-def sync(entry: Path) -> str:
-    """Send one outbox entry to the tracking store it names (or MLFLOW_TRACKING_URI, if set); returns the run id.
+def sync(entry: Path) -> tuple[str, int, int]:
+    """Send one outbox entry to the tracking store it names (or MLFLOW_TRACKING_URI, if set); returns the run id,
+    the operations sent and the requests they took.
     What was sent is removed from the entry, so an interrupted sync resumes where it stopped."""
     path = entry / "ops.json"
     if not path.is_file():
@@ -262,16 +257,18 @@ def sync(entry: Path) -> str:
     record = json.loads(path.read_text())
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         mlflow.set_tracking_uri(record["tracking_uri"])
-    client = mlflow.MlflowClient()
+    client, operations, requests = mlflow.MlflowClient(), len(record["ops"]), 0
     while record["ops"]:
+        n = next_request(record["ops"])
         try:
-            run(client, record["run_id"], record["state"], record["ops"][0])
+            send(client, record["run_id"], record["state"], record["ops"][:n])
         except Exception as e:
             where = mlflow.get_tracking_uri()
             raise TrackingError(f"{entry}: sending {record['ops'][0]['op']} to {where} failed "
                                 f"({' '.join(str(e).split())[:300]}); {len(record['ops'])} operations left, "
                                 "run fmnist sync again") from None
-        record["ops"].pop(0)
+        del record["ops"][:n]
+        requests += 1
         path.write_text(json.dumps(record, indent=1))
     shutil.rmtree(entry)
-    return record["run_id"]
+    return record["run_id"], operations, requests
