@@ -13,7 +13,7 @@ def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
 
 
 @register("cnn")
-def cnn(widths: tuple[int, ...] = (32, 64, 128), convs_per_block: int = 2, dropout: float = 0.06,
+def cnn(widths: tuple[int, ...] = (32, 96, 192), convs_per_block: int = 2, dropout: float = 0.06,
         head_dropout: float = 0.06, stem: int = 0, pool_early: bool = False) -> nn.Module:
     """`widths`: channels of each block (each halves the image); `dropout` after each block, `head_dropout`
     before the classifier (light: with label smoothing 0.19 they scored best in benchmarks/accuracy.csv).
