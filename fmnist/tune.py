@@ -1,10 +1,10 @@
 """Optuna search over the `tune.space` of experiments/<arch>.yaml; each trial is a nested MLflow run.
 
-With storages.py, the only module that imports optuna. A study lives in an Optuna storage (default: the SQLite
-file optuna.db), so re-running the same command resumes it, and any number of workers, on any number of machines,
-can share it through one storage URL (postgresql://...). Running trials send heartbeats; a trial whose worker died
-is failed and queued again. `tune.n_trials` is the total the study should reach, whoever runs the trials. The first trial
-of a new study is the experiment's default configuration, so the search can only improve on it. When the study
+With storages.py, the only module that imports optuna. A study lives in an Optuna storage (default: the SQLite file
+optuna.db), so re-running the same command resumes it, and any number of workers, on any number of machines, can
+share it through one storage URL (postgresql://...). Running trials send heartbeats; a trial whose worker died is
+failed and queued again. `tune.n_trials` is the total the study should reach, whoever runs the trials. The first
+trial of a new study is the experiment's default configuration, so the search can only improve on it. When the study
 is done, its best configuration is retrained once, evaluated on the test set and registered.
 """
 from __future__ import annotations
