@@ -20,7 +20,7 @@ from fmnist import data as fdata
 from fmnist.config import load_config
 from fmnist.errors import UserError
 from fmnist.models import build_model
-from fmnist.train import augment, epoch_steps, erase, make_optimizer, resolve_runtime, train_step
+from fmnist.train import epoch_steps, make_optimizer, resolve_runtime, train_step, training_batch
 
 
 class Candidate:
@@ -42,11 +42,7 @@ class Candidate:
         start = time.perf_counter()
         for _ in range(steps):
             idx = torch.randint(0, len(self.y), (self.batch,), generator=self.generator).to(self.rt.device)
-            xb = self.x[idx]
-            if self.cfg.train.augment:  # as train_epoch does
-                xb = augment(xb, self.generator)
-            if self.cfg.train.erase:
-                xb = erase(xb, self.generator, self.cfg.train.erase)
+            xb = training_batch(self.x, idx, self.cfg.train, self.generator)
             train_step(self.model, xb, self.y[idx], self.opt, self.scaler, self.rt, self.cfg.train.label_smoothing)
         if timed:
             if self.rt.device.type == "cuda":

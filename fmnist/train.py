@@ -138,6 +138,16 @@ def epoch_steps(n: int, batch_size: int) -> tuple[int, int]:
     return batch, n // batch
 
 
+def training_batch(x: torch.Tensor, idx: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> torch.Tensor:
+    """The training images at `idx`, augmented as the configuration says."""
+    xb = x[idx]
+    if cfg.augment:
+        xb = augment(xb, generator)
+    if cfg.erase:
+        xb = erase(xb, generator, cfg.erase)
+    return xb
+
+
 def train_epoch(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, opt, scheduler, scaler,
                 generator: torch.Generator, epoch: int) -> dict[str, float]:
     """One pass over the shuffled training split in whole batches."""
@@ -150,11 +160,7 @@ def train_epoch(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, 
     bar = tqdm(range(steps), desc=f"epoch {epoch}/{cfg.epochs}", leave=False, disable=None)
     for step in bar:
         idx = order[step * batch:(step + 1) * batch]
-        xb, yb = x[idx], y[idx]
-        if cfg.augment:
-            xb = augment(xb, generator)
-        if cfg.erase:
-            xb = erase(xb, generator, cfg.erase)
+        xb, yb = training_batch(x, idx, cfg, generator), y[idx]
         loss, logits = train_step(model, xb, yb, opt, scaler, rt, cfg.label_smoothing)
         scheduler.step()
         loss_sum += loss * len(yb)
