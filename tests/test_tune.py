@@ -109,7 +109,7 @@ class InterruptedOnceCreated(optuna.samplers.RandomSampler):
     """Ctrl-C in the moment after a trial is created and before its objective starts."""
 
     def before_trial(self, study, trial):
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
@@ -122,9 +122,24 @@ def test_ctrl_c_before_a_trials_objective_fails_that_trial_and_no_other_workers(
     cfg = load_config("ann", None, [])
     for _ in range(2):  # the queued trial, then a new one (trial 2)
         with pytest.raises(KeyboardInterrupt):
-            optimize(study, storage, lambda trial: 1.0, cfg)
+            optimize(study, lambda trial: 1.0, cfg)
     assert [t.state for t in optuna.load_study(study_name="s", storage=open_storage(url, 60)).trials] == \
         [TrialState.RUNNING, TrialState.FAIL, TrialState.FAIL]
+
+
+def test_ctrl_c_while_optuna_records_a_trial_ends_the_search_after_it(tmp_path):
+    storage = open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=60)
+    record = storage.set_trial_state_values
+
+    def interrupted_while_recording(*args, **kwargs):  # the moment the CI run caught: trial 0 being told COMPLETE
+        os.kill(os.getpid(), signal.SIGINT)
+        return record(*args, **kwargs)
+
+    storage.set_trial_state_values = interrupted_while_recording
+    study = optuna.create_study(storage=storage, study_name="s")
+    with pytest.raises(KeyboardInterrupt):
+        optimize(study, lambda trial: trial.suggest_float("x", 0, 1), load_config("ann", None, ["tune.n_trials=3"]))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE]  # recorded whole, and no second trial begun
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

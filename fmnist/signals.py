@@ -1,0 +1,49 @@
+"""Signals held where an exception would do harm and delivered where it is safe."""
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import contextmanager
+
+
+class HeldSignals:
+    """Ctrl-C and SIGTERM raised only inside `delivered()` blocks. Outside them a signal is held (`held`), for the
+    caller to stop at its next safe point, and raised at the next block's start or when the `with` ends."""
+
+    def __init__(self):
+        self.held: int | None = None
+        self.open = False
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> HeldSignals:
+        if threading.current_thread() is threading.main_thread():  # where Python runs signal handlers
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                if callable(handler := signal.getsignal(signum)):  # KeyboardInterrupt, cli's Terminated
+                    self.previous[signum] = handler
+                    signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if kind is None:
+            self._raise_held()
+
+    def _handle(self, signum: int, frame) -> None:
+        self.held = signum
+        if self.open:
+            self._raise_held()
+
+    def _raise_held(self) -> None:
+        if self.held is not None:
+            signum, self.held = self.held, None
+            self.previous[signum](signum, None)
+
+    @contextmanager
+    def delivered(self):
+        self.open = True
+        try:
+            self._raise_held()
+            yield
+        finally:
+            self.open = False
