@@ -8,7 +8,11 @@ from contextlib import contextmanager
 
 class HeldSignals:
     """Ctrl-C and SIGTERM raised only inside `delivered()` blocks. Outside them a signal is held (`held`), for the
-    caller to stop at its next safe point, and raised at the next block's start or when the `with` ends."""
+    caller to stop at its next safe point, and raised at the next block's start or when the `with` ends.
+
+    Python runs signal handlers in the main thread only. A block in another thread (a search trial with
+    tune.n_jobs > 1) gets the signal at its own checkpoints instead: its start and each `on_epoch_end` (this is a
+    training callback) raise it there, and it stays held so that every such thread stops."""
 
     def __init__(self):
         self.held: int | None = None
@@ -41,9 +45,18 @@ class HeldSignals:
 
     @contextmanager
     def delivered(self):
+        if threading.current_thread() is not threading.main_thread():
+            self.on_epoch_end()
+            yield  # the main thread is Optuna's bookkeeping: the handler there must not raise, so `open` stays off
+            return
         self.open = True
         try:
             self._raise_held()
             yield
         finally:
             self.open = False
+
+    def on_epoch_end(self, epoch: int = 0, metrics: dict | None = None) -> None:
+        """A checkpoint for a block outside the main thread: the held signal is raised here, and stays held."""
+        if self.held is not None and threading.current_thread() is not threading.main_thread():
+            self.previous[self.held](self.held, None)

@@ -30,6 +30,7 @@ from fmnist.pipeline import Run, Tracker, run_experiment
 from fmnist.signals import HeldSignals
 from fmnist.storages import open_storage, redacted, retry
 from fmnist.tracking import store
+from fmnist.train import Callback
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial prints its own epochs
 # fail_stale_trials and the matplotlib plots are marked experimental; they are the documented way all the same
@@ -91,11 +92,12 @@ def optimize(study: optuna.Study, objective, cfg: Config) -> None:
     """Trials until the study holds n_trials. Ctrl-C and SIGTERM reach only a trial's objective, where Optuna fails
     the trial and the pipeline ends its run KILLED. Elsewhere Optuna is writing a trial's state or creating the
     next trial, and an exception there leaves a trial RUNNING or trips an assertion inside Optuna (both seen in
-    tests); there the signal is held, the search stops after the trial in hand, and the signal is raised then."""
+    tests); there the signal is held, the search stops after the trial in hand, and the signal is raised then.
+    With tune.n_jobs > 1 the trials run in threads that no signal reaches: each stops at its next epoch's end."""
     with HeldSignals() as signals:
         def deliverable(trial: optuna.Trial) -> float:
             with signals.delivered():
-                return objective(trial)
+                return objective(trial, signals)  # with tune.n_jobs > 1 a trial checks for a signal each epoch
 
         study.optimize(deliverable, n_jobs=cfg.tune.n_jobs, timeout=cfg.tune.timeout or None, catch=(ConfigError,),
                        callbacks=[lambda s, _: (enough(s, cfg.tune.n_trials) or signals.held) and s.stop()])
@@ -142,14 +144,14 @@ class Objective:
         self.arch, self.config_path, self.overrides, self.cfg = arch, config_path, overrides, cfg
         self.data, self.parent_run_id, self.tracker = data, parent_run_id, tracker
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trial: optuna.Trial, interrupt: Callback) -> float:
         sampled = as_overrides({key: suggest(trial, key, spec) for key, spec in self.cfg.tune.space.items()})
         cfg = load_config(self.arch, self.config_path, [*self.overrides, *sampled,
                                                         f"tracking.run_name=trial-{trial.number}"])
         print(f"trial {trial.number}: {trial.params}", flush=True)
         try:
             outcome = run_experiment(cfg, self.tracker, self.data, parent=self.parent_run_id, trial=True,
-                                     callbacks=[PruneOnEpoch(trial)],
+                                     callbacks=[PruneOnEpoch(trial), interrupt],
                                      tags={"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number),
                                            "optuna.worker": f"{socket.gethostname()}:{os.getpid()}"})
         except Pruned:

@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -122,7 +123,7 @@ def test_ctrl_c_before_a_trials_objective_fails_that_trial_and_no_other_workers(
     cfg = load_config("ann", None, [])
     for _ in range(2):  # the queued trial, then a new one (trial 2)
         with pytest.raises(KeyboardInterrupt):
-            optimize(study, lambda trial: 1.0, cfg)
+            optimize(study, lambda trial, _: 1.0, cfg)
     assert [t.state for t in optuna.load_study(study_name="s", storage=open_storage(url, 60)).trials] == \
         [TrialState.RUNNING, TrialState.FAIL, TrialState.FAIL]
 
@@ -138,8 +139,44 @@ def test_ctrl_c_while_optuna_records_a_trial_ends_the_search_after_it(tmp_path):
     storage.set_trial_state_values = interrupted_while_recording
     study = optuna.create_study(storage=storage, study_name="s")
     with pytest.raises(KeyboardInterrupt):
-        optimize(study, lambda trial: trial.suggest_float("x", 0, 1), load_config("ann", None, ["tune.n_trials=3"]))
+        optimize(study, lambda trial, _: trial.suggest_float("x", 0, 1), load_config("ann", None, ["tune.n_trials=3"]))
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]  # recorded whole, and no second trial begun
+
+
+def test_ctrl_c_stops_parallel_trials_at_their_next_epoch(tmp_path):
+    # tune.n_jobs=2: the trials run in worker threads, where Python delivers no signal
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=60),
+                                study_name="s")
+
+    def objective(trial, interrupt):
+        for epoch in range(1, 201):  # 10 s of epochs unless something stops them
+            time.sleep(0.05)
+            interrupt.on_epoch_end(epoch, {})
+        return 1.0
+
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        optimize(study, objective, load_config("ann", None, ["tune.n_trials=4", "tune.n_jobs=2"]))
+    assert time.monotonic() - start < 5  # not after the running trials' last epochs
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+
+
+def test_sigterm_to_a_parallel_search_ends_its_trial_runs_killed(tracking_env, tiny_data, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    cmd = tune_command(tiny_data, storage, "parallel", 4, "train.epochs=2000", "tune.pruner=none", "tune.n_jobs=2")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not _exists(storage, "parallel") or states(storage, "parallel")[TrialState.RUNNING] < 2 \
+            or _trial_runs("parallel") < 2:
+        assert time.time() < deadline and proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.3)
+    time.sleep(1)  # both in their epochs
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, proc.stdout.read()[-3000:]
+    assert states(storage, "parallel") == {TrialState.FAIL: 2}
+    _, trials, best = search_runs("parallel")
+    assert [r.info.status for r in trials.values()] == ["KILLED", "KILLED"] and not best
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
@@ -171,7 +208,7 @@ def test_killed_worker_trial_is_failed_and_retried(tracking_env, tiny_data, tmp_
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not (_exists(storage, "killed") and states(storage, "killed")[TrialState.RUNNING]
-               and _trial_run_started("killed")):
+               and _trial_runs("killed")):
         assert time.time() < deadline and hangs.poll() is None, hangs.stdout.read()[-3000:]
         time.sleep(0.3)
     hangs.send_signal(signal.SIGKILL)
@@ -196,9 +233,9 @@ def _exists(storage: str, study: str) -> bool:
         return False
 
 
-def _trial_run_started(study: str) -> bool:
+def _trial_runs(study: str) -> int:
     experiment = MlflowClient().get_experiment_by_name(f"tune-{study}")
-    return experiment is not None and any(
+    return 0 if experiment is None else sum(
         "optuna.trial" in r.data.tags for r in MlflowClient().search_runs([experiment.experiment_id]))
 
 
