@@ -46,7 +46,7 @@ class HeldSignals:
     @contextmanager
     def delivered(self):
         if threading.current_thread() is not threading.main_thread():
-            self.on_epoch_end()
+            self.checkpoint()
             yield  # the main thread is Optuna's bookkeeping: the handler there must not raise, so `open` stays off
             return
         self.open = True
@@ -56,7 +56,11 @@ class HeldSignals:
         finally:
             self.open = False
 
-    def on_epoch_end(self, epoch: int = 0, metrics: dict | None = None) -> None:
-        """A checkpoint for a block outside the main thread: the held signal is raised here, and stays held."""
-        if self.held is not None and threading.current_thread() is not threading.main_thread():
-            self.previous[self.held](self.held, None)
+    def checkpoint(self) -> None:
+        """Outside the main thread, raise the held signal here; it stays held for the other threads."""
+        signum = self.held  # read once: the main thread's handler may set it at any moment
+        if signum is not None and threading.current_thread() is not threading.main_thread():
+            self.previous[signum](signum, None)
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.checkpoint()
