@@ -1,12 +1,15 @@
 """The tracking record survives real faults: a tracking server killed and started again (a short outage, one that
 outlasts the run, the backlog it leaves), no server at all, a training process killed with SIGKILL, and runs
 started together on a new and an existing SQLite store."""
+import contextlib
 import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -187,6 +190,57 @@ def test_a_signal_while_the_record_is_sent_ends_the_run_killed_and_keeps_the_res
     client = MlflowClient()
     run = only_run(client, "late-signal")
     assert run.info.status == "FINISHED" and client.search_model_versions(f"run_id = '{run.info.run_id}'")
+
+
+class CtrlCBeforeReply:
+    """A TCP relay to the tracking server that, once the server has answered a request to create a run, sends
+    Ctrl-C to the main thread (waiting for that answer) and only then passes the answer on."""
+
+    def __init__(self, server_port: int):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.creating = threading.Event()
+        self.main = threading.main_thread().ident
+        threading.Thread(target=self._accept, args=(server_port,), daemon=True).start()
+
+    def _accept(self, server_port: int) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(("127.0.0.1", server_port))
+            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, request: bool) -> None:
+        with source, sink, contextlib.suppress(OSError):  # OSError: the other side closed the connection
+            while chunk := source.recv(65536):
+                if request and b"/runs/create" in chunk:
+                    self.creating.set()
+                elif not request and self.creating.is_set():  # the run exists on the server now
+                    self.creating.clear()
+                    signal.pthread_kill(self.main, signal.SIGINT)
+                    time.sleep(0.5)
+                sink.sendall(chunk)
+
+
+def test_ctrl_c_while_a_run_is_being_created_ends_that_run_killed(own_server, monkeypatch):
+    from fmnist.tracking import MLflowTracker, store
+
+    root, port, server = own_server
+    tracker = MLflowTracker("created-under-ctrl-c")
+    store.experiment_id("created-under-ctrl-c")
+    relay = CtrlCBeforeReply(port)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", relay.uri)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with tracker.run("caught-mid-request"):
+                pytest.fail("the run started after Ctrl-C")
+    finally:
+        relay.listener.close()
+    run = only_run(MlflowClient(f"http://127.0.0.1:{port}"), "created-under-ctrl-c")
+    assert run.info.status == "KILLED", run.info.status
 
 
 def test_a_backlog_of_epochs_is_sent_in_a_few_requests_in_order(tracking_env, tmp_path):

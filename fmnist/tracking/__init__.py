@@ -21,6 +21,7 @@ import mlflow
 from mlflow.data.sources import LocalArtifactDatasetSource
 
 from fmnist.errors import Pruned, TrackingError, UserError
+from fmnist.signals import HeldSignals
 from fmnist.tracking import store
 from fmnist.tracking.sender import Sender, outbox_dir
 
@@ -45,20 +46,10 @@ class MLflowTracker:
         """Start a run (nested under `parent`), or resume run `resume`, or adopt `mlflow run`'s, and always end
         it: FINISHED, KILLED on Ctrl-C or SIGTERM, FAILED on an error, with the reason in `fmnist.end_reason`."""
         client = mlflow.MlflowClient()
-        liveness = store.liveness_tags(self.heartbeat)
-        run_id = resume or (None if parent else os.environ.pop("MLFLOW_RUN_ID", None))
-        if run_id:
-            client.update_run(run_id, status="RUNNING")
-            client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in
-                                           {**(tags or {}), **liveness}.items()])
-        else:
-            experiment_id = (client.get_run(parent).info.experiment_id if parent
-                             else store.experiment_id(self.experiment))
-            nesting = {"mlflow.parentRunId": parent} if parent else {}
-            run_id = client.create_run(experiment_id, run_name=name, tags=(tags or {}) | liveness | nesting
-                                       ).info.run_id
-        run = None
-        try:  # from here on, whatever happens, the run is ended
+        run_id, run = resume or (None if parent else os.environ.pop("MLFLOW_RUN_ID", None)), None
+        try:  # from here on, whatever happens, a run that exists is ended
+            with HeldSignals():  # a Ctrl-C mid-request would leave a run on the server that this process cannot name
+                run_id = self._open(client, run_id, name, parent, tags)
             if not parent:  # a top-level run repairs its experiment: runs whose process died are ended FAILED
                 for stale, reason in store.end_stale_runs([client.get_run(run_id).info.experiment_id]):
                     print(f"fmnist: ended run {stale} FAILED: {reason}", file=sys.stderr)
@@ -79,6 +70,19 @@ class MLflowTracker:
         else:
             run.close("FINISHED")
 
+    def _open(self, client: mlflow.MlflowClient, run_id: str | None, name: str | None, parent: str | None,
+              tags: dict[str, str] | None) -> str:
+        """Mark run `run_id` RUNNING again, or create a new run (nested under `parent`); returns its id."""
+        liveness = store.liveness_tags(self.heartbeat)
+        if run_id:
+            client.update_run(run_id, status="RUNNING")
+            client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in
+                                           {**(tags or {}), **liveness}.items()])
+            return run_id
+        experiment_id = client.get_run(parent).info.experiment_id if parent else store.experiment_id(self.experiment)
+        nesting = {"mlflow.parentRunId": parent} if parent else {}
+        return client.create_run(experiment_id, run_name=name, tags=(tags or {}) | liveness | nesting).info.run_id
+
 
 def probe_artifacts(client: mlflow.MlflowClient, run_id: str) -> None:
     """The run's first artifact doubles as the check that the artifact location takes files, before training."""
@@ -91,11 +95,11 @@ def probe_artifacts(client: mlflow.MlflowClient, run_id: str) -> None:
         raise TrackingError(f"run {run_id}: {reason}; it ended FAILED before training") from None
 
 
-def end(run: MLflowRun | None, run_id: str, status: str, reason: str | None) -> None:
+def end(run: MLflowRun | None, run_id: str | None, status: str, reason: str | None) -> None:
     """End a run that stopped on an error or a signal: through its queue if it has one, else directly."""
     if run is not None:
         run.close(status, reason, raise_outage=False)
-    else:
+    elif run_id is not None:  # None: stopped before the run was created
         store.end_now(run_id, status, reason)
 
 
@@ -158,9 +162,9 @@ class MLflowRun:
 
     def close(self, status: str, reason: str | None = None, raise_outage: bool = True) -> None:
         """Send the rest and end the run; if the store stays away, keep the rest in the outbox and say so."""
-        self.pulse.stop()
-        self.sender.put("end", status=status, reason=reason)
         try:
+            self.pulse.stop()  # its last sample
+            self.sender.put("end", status=status, reason=reason)
             sent = self.sender.drain(self.outage_wait)
         except KeyboardInterrupt:  # interrupted while logging or registering: keep the rest, end it KILLED
             self.sender.stop(wait=5)  # a request in flight to a server that does not answer is not waited for
