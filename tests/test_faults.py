@@ -1,6 +1,7 @@
 """The tracking record survives real faults: a tracking server killed and started again (a short outage, one that
-outlasts the run, the backlog it leaves), no server at all, a training process killed with SIGKILL, and runs
-started together on a new and an existing SQLite store."""
+outlasts the run, the backlog it leaves), no server at all, a training process killed with SIGKILL, Ctrl-C while
+the server creates a run or while the record is sent, and runs started together on a new and an existing SQLite
+store."""
 import contextlib
 import json
 import os
