@@ -48,8 +48,10 @@ class MLflowTracker:
         client = mlflow.MlflowClient()
         run_id, run = resume or (None if parent else os.environ.pop("MLFLOW_RUN_ID", None)), None
         try:  # from here on, whatever happens, a run that exists is ended
+            experiment_id = None if run_id else (client.get_run(parent).info.experiment_id if parent
+                                                 else store.experiment_id(self.experiment))
             with HeldSignals():  # a Ctrl-C mid-request would leave a run on the server that this process cannot name
-                run_id = self._open(client, run_id, name, parent, tags)
+                run_id = self._open(client, run_id, experiment_id, name, parent, tags)
             if not parent:  # a top-level run repairs its experiment: runs whose process died are ended FAILED
                 for stale, reason in store.end_stale_runs([client.get_run(run_id).info.experiment_id]):
                     print(f"fmnist: ended run {stale} FAILED: {reason}", file=sys.stderr)
@@ -70,16 +72,16 @@ class MLflowTracker:
         else:
             run.close("FINISHED")
 
-    def _open(self, client: mlflow.MlflowClient, run_id: str | None, name: str | None, parent: str | None,
-              tags: dict[str, str] | None) -> str:
-        """Mark run `run_id` RUNNING again, or create a new run (nested under `parent`); returns its id."""
+    def _open(self, client: mlflow.MlflowClient, run_id: str | None, experiment_id: str | None, name: str | None,
+              parent: str | None, tags: dict[str, str] | None) -> str:
+        """Mark run `run_id` RUNNING again, or create a new run in `experiment_id` (nested under `parent`); returns
+        its id. Only these requests hold a signal back (MLflow's HTTP timeout and retries bound the wait)."""
         liveness = store.liveness_tags(self.heartbeat)
         if run_id:
             client.update_run(run_id, status="RUNNING")
             client.log_batch(run_id, tags=[mlflow.entities.RunTag(k, v) for k, v in
                                            {**(tags or {}), **liveness}.items()])
             return run_id
-        experiment_id = client.get_run(parent).info.experiment_id if parent else store.experiment_id(self.experiment)
         nesting = {"mlflow.parentRunId": parent} if parent else {}
         return client.create_run(experiment_id, run_name=name, tags=(tags or {}) | liveness | nesting).info.run_id
 
