@@ -66,7 +66,7 @@ def main() -> None:
         rows.append(row)
         new = not RESULTS.is_file()
         with RESULTS.open("a", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS)
+            writer = csv.DictWriter(f, FIELDS, lineterminator="\n")  # the file's own line ends
             if new:
                 writer.writeheader()
             writer.writerow(row)
