@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, f1_score
 
 from fmnist import data as fdata
-from fmnist.config import load_config
+from fmnist.config import Config, load_config
 from fmnist.errors import UserError
 from fmnist.pipeline import build
 from fmnist.train import fit, predict_logits
@@ -49,13 +49,17 @@ def main() -> None:
         if args.arch == "transfer":
             raise UserError("transfer: trains on cached activations, so its views cannot be scored here; "
                             "expected cnn or ann")
-        data = fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)
-    except UserError as e:
+        score_views(args.arch, args.overrides, cfg)
+    except UserError as e:  # bad options or data, missing weights, a diverging run
         print(f"test_time_views.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+
+
+def score_views(arch: str, overrides: list[str], cfg: Config) -> None:
+    data = fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)
     model, rt = build(cfg)
     history = fit(model, data, cfg.train, rt)
-    print(f"{args.arch} {' '.join(args.overrides)}: best epoch {history.best_epoch}, validation "
+    print(f"{arch} {' '.join(overrides)}: best epoch {history.best_epoch}, validation "
           f"{history.best_val_accuracy:.4f}, {history.seconds:.0f} s of training")
     for name, views in VIEWS.items():
         start = time.perf_counter()
@@ -65,7 +69,6 @@ def main() -> None:
         print(f"{name:>18} ({len(views):>2} views): test accuracy {accuracy_score(data.y_test, predicted):.4f}, "
               f"macro F1 {f1_score(data.y_test, predicted, average='macro'):.4f}, "
               f"{time.perf_counter() - start:.1f} s", flush=True)
-
 
 if __name__ == "__main__":
     main()

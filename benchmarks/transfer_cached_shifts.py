@@ -38,27 +38,30 @@ def main() -> None:
     try:
         if args.copies < 0:
             raise UserError(f"--copies {args.copies}: expected 0 or more")
-        cfg = load_config("transfer", overrides=args.overrides)
-        data = fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)
-    except UserError as e:
+        train_with_copies(args.copies, args.overrides)
+    except UserError as e:  # bad options or data, missing weights, a diverging run
         print(f"transfer_cached_shifts.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
+
+
+def train_with_copies(n_copies: int, overrides: list[str]) -> None:
+    cfg = load_config("transfer", overrides=overrides)
+    data = fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)
     model, rt = build(cfg)
     prepared = prepare(model, data, rt, cfg.train)
     x, y = prepared.data.x_train, prepared.data.y_train
-    if args.copies:
+    if n_copies:
         start, frozen = time.perf_counter(), fold_batchnorm(model.frozen_part())
         generator = torch.Generator().manual_seed(cfg.train.seed)
         copies = [extract(frozen, augment(data.x_train, generator), rt, cfg.train.eval_batch_size, desc="shifted")
-                  for _ in range(args.copies)]
-        x, y = torch.cat([x, *copies]), torch.cat([y, data.y_train.repeat(args.copies)])
-        print(f"{args.copies} shifted copies extracted in {time.perf_counter() - start:.0f} s", flush=True)
+                  for _ in range(n_copies)]
+        x, y = torch.cat([x, *copies]), torch.cat([y, data.y_train.repeat(n_copies)])
+        print(f"{n_copies} shifted copies extracted in {time.perf_counter() - start:.0f} s", flush=True)
     history = fit(prepared.model, dataclasses.replace(prepared.data, x_train=x, y_train=y), prepared.train, rt)
     predicted = predict_logits(prepared.model, prepared.data.x_test, rt, cfg.train.eval_batch_size).argmax(1)
-    print(f"--copies {args.copies} {' '.join(args.overrides)}: {len(y):,} training inputs, best epoch "
+    print(f"--copies {n_copies} {' '.join(overrides)}: {len(y):,} training inputs, best epoch "
           f"{history.best_epoch}, validation {history.best_val_accuracy:.4f}, test accuracy "
           f"{accuracy_score(data.y_test, predicted):.4f}, {history.seconds:.0f} s of training")
-
 
 if __name__ == "__main__":
     main()
