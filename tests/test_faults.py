@@ -229,7 +229,7 @@ class CtrlCBeforeReply:
 def test_ctrl_c_while_a_run_is_being_created_ends_that_run_killed(own_server, monkeypatch):
     from fmnist.tracking import MLflowTracker, store
 
-    root, port, server = own_server
+    _, port, _ = own_server
     tracker = MLflowTracker("created-under-ctrl-c")
     store.experiment_id("created-under-ctrl-c")
     relay = CtrlCBeforeReply(port)

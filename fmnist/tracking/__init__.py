@@ -48,8 +48,10 @@ class MLflowTracker:
         client = mlflow.MlflowClient()
         run_id, run = resume or (None if parent else os.environ.pop("MLFLOW_RUN_ID", None)), None
         try:  # from here on, whatever happens, a run that exists is ended
-            experiment_id = None if run_id else (client.get_run(parent).info.experiment_id if parent
-                                                 else store.experiment_id(self.experiment))
+            experiment_id = None
+            if not run_id:  # a new run, in its parent's experiment or this tracker's
+                experiment_id = (client.get_run(parent).info.experiment_id if parent
+                                 else store.experiment_id(self.experiment))
             with HeldSignals():  # a Ctrl-C mid-request would leave a run on the server that this process cannot name
                 run_id = self._open(client, run_id, experiment_id, name, parent, tags)
             if not parent:  # a top-level run repairs its experiment: runs whose process died are ended FAILED
