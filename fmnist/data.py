@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from filelock import FileLock
 
 from fmnist.errors import DataError
 
@@ -46,6 +47,15 @@ class Dataset:
 
 def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fmnist"
+
+
+def file_lock(path: str | os.PathLike) -> FileLock:
+    """A lock shared by every process and thread that names the same file (an SQLite database): the lock file
+    lives in the user cache, named by the file's absolute path, not beside the file in a folder it may not own."""
+    locks = cache_dir() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
+    return FileLock(locks / f"sqlite-{digest}.lock", timeout=300)
 
 
 def candidate_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:

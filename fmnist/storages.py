@@ -9,7 +9,9 @@ import optuna
 import sqlalchemy.exc
 from optuna.storages import RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalStorage
+from optuna.trial import TrialState
 
+from fmnist.data import file_lock
 from fmnist.errors import ConfigError
 
 
@@ -22,13 +24,29 @@ def _open_storage(url: str, heartbeat: int, on_stale) -> optuna.storages.BaseSto
     if url.endswith(".log"):  # a journal file: many processes on one file system; no heartbeat there
         return JournalStorage(JournalFileBackend(url))
     try:
-        return RDBStorage(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
-                          heartbeat_stale_trial_callback=on_stale)
+        database = sqlalchemy.engine.make_url(url).database if url.startswith("sqlite") else None
+        kind = SQLiteStorage if database and database != ":memory:" else RDBStorage
+        return kind(url, heartbeat_interval=heartbeat, grace_period=2 * heartbeat,
+                    heartbeat_stale_trial_callback=on_stale)
     except sqlalchemy.exc.ArgumentError as e:
         raise ConfigError(f"tune.storage={url}: not a database URL or a journal file *.log ({e})") from None
     except ImportError:
         raise ConfigError(f"tune.storage={redacted(url)}: the database driver is not installed (psycopg[binary] "
                           "for postgresql://, pymysql for mysql+pymysql://)") from None
+
+
+class SQLiteStorage(RDBStorage):
+    """Optuna's database storage with one race closed for SQLite files: starting a queued trial (the defaults, a
+    stale trial's retry). Optuna reads the trial's state, then writes RUNNING, relying on a row lock that SQLite
+    does not take, so two workers, or two threads of one (tune.n_jobs), could both start the same trial; the
+    second to finish it then crashed telling a finished trial (UpdateFinishedTrialError). A file lock on the
+    database makes the read and the write one step. PostgreSQL and MySQL lock the row themselves."""
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+        if state != TrialState.RUNNING:
+            return super().set_trial_state_values(trial_id, state, values)
+        with file_lock(sqlalchemy.engine.make_url(self.url).database):
+            return super().set_trial_state_values(trial_id, state, values)
 
 
 def redacted(url: str) -> str:

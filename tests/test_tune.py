@@ -166,6 +166,38 @@ def test_ctrl_c_stops_parallel_trials_at_their_next_epoch(tmp_path):
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_only_one_of_two_workers_starts_a_queued_trial(tmp_path, backend, request):
+    # Two threads of one search (tune.n_jobs=2), or two workers, both find the queued defaults and start them at
+    # once: each reads the trial's state (WAITING), and only then writes RUNNING. Both trained trial 0, and the
+    # second to finish crashed the search telling a finished trial (seen in the parallel SIGTERM test).
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    storage = open_storage(url, heartbeat=60)
+    study = optuna.create_study(storage=storage, study_name=f"queued-{backend}")
+    study.enqueue_trial({"x": 0.5})
+    trial_id = study.trials[0]._trial_id
+    both_read = threading.Barrier(2, timeout=2)
+    check = storage.check_trial_is_updatable
+
+    def check_then_wait_for_the_other(*args):  # between reading the state and writing RUNNING
+        check(*args)
+        try:
+            both_read.wait()
+        except threading.BrokenBarrierError:  # the other one is kept from reading until this one has written
+            pass
+
+    storage.check_trial_is_updatable = check_then_wait_for_the_other
+    started = []
+    workers = [threading.Thread(target=lambda: started.append(storage.set_trial_state_values(trial_id,
+                                                                                           TrialState.RUNNING)))
+               for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert sorted(started) == [False, True]
+
+
 def test_sigterm_to_a_parallel_search_ends_its_trial_runs_killed(tracking_env, tiny_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     cmd = tune_command(tiny_data, storage, "parallel", 4, "train.epochs=2000", "tune.pruner=none", "tune.n_jobs=2")

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import socket
@@ -21,10 +20,9 @@ import mlflow
 import pandas as pd
 import psutil
 import requests
-from filelock import FileLock
 from mlflow.exceptions import MlflowException
 
-from fmnist.data import cache_dir
+from fmnist.data import file_lock
 from fmnist.errors import ConfigError, TrackingError
 
 HOST_TAG, PID_TAG, BEAT_TAG, INTERVAL_TAG, REASON_TAG = ("fmnist.host", "fmnist.pid", "fmnist.heartbeat",
@@ -59,10 +57,7 @@ def store_lock():
     uri = mlflow.get_tracking_uri()
     if not uri.startswith("sqlite:///"):
         return contextlib.nullcontext()
-    path = Path(uri.removeprefix("sqlite:///")).resolve()
-    locks = cache_dir() / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    return FileLock(locks / f"sqlite-{hashlib.sha256(str(path).encode()).hexdigest()[:16]}.lock", timeout=300)
+    return file_lock(uri.removeprefix("sqlite:///"))
 
 
 def open_store() -> None:
