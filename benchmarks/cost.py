@@ -18,7 +18,7 @@ import torch
 
 from fmnist import data as fdata
 from fmnist.config import load_config
-from fmnist.errors import UserError
+from fmnist.errors import reported
 from fmnist.models import build_model
 from fmnist.train import epoch_steps, make_optimizer, resolve_runtime, train_step, training_batch
 
@@ -69,13 +69,10 @@ def main() -> int:
     ap.add_argument("--steps", type=positive, default=10, help="optimizer steps of each per round")
     args = ap.parse_args()
     torch.manual_seed(0)
-    try:
+    with reported("cost.py"):
         data = fdata.load()
         shipped = Candidate(args.arch, [], data)
         other = Candidate(args.arch, shlex.split(args.against), data)
-    except UserError as e:
-        print(f"cost.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
     for c in (shipped, other):
         c.run(3, timed=False)  # warm-up: allocator and oneDNN kernel selection
     for _ in range(args.rounds):

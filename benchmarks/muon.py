@@ -14,7 +14,6 @@ configured one-cycle schedule; Muon's rate is `--lr-scale` x train.lr, rescaled 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 from sklearn.metrics import accuracy_score
@@ -23,7 +22,7 @@ from torch import nn
 import fmnist.train
 from fmnist import data as fdata
 from fmnist.config import load_config
-from fmnist.errors import UserError
+from fmnist.errors import UserError, reported
 from fmnist.pipeline import build
 
 
@@ -69,7 +68,8 @@ def muon_and_adamw(lr_scale: float):
             conv.weight = nn.Parameter(conv.weight.detach().reshape(conv.out_channels, -1).contiguous())
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)][:-1]  # not the classifier
         hidden = [m.weight for m in convs + linears]
-        rest = [p for p in model.parameters() if all(p is not h for h in hidden)]
+        hidden_ids = {id(p) for p in hidden}
+        rest = [p for p in model.parameters() if id(p) not in hidden_ids]
         return Optimizers(torch.optim.Muon(hidden, lr=cfg.lr * lr_scale, weight_decay=cfg.weight_decay,
                                            adjust_lr_fn="match_rms_adamw"),
                           torch.optim.AdamW(rest, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True))
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--lr-scale", type=float, default=1.0, help="Muon's peak rate as a multiple of train.lr")
     ap.add_argument("overrides", nargs="*", help="section.key=value, as for fmnist train")
     args = ap.parse_intermixed_args()
-    try:
+    with reported("muon.py"):  # bad options or data, a diverging run
         if args.arch not in ("cnn", "ann"):
             raise UserError(f"{args.arch}: expected cnn or ann")
         if not args.lr_scale > 0:
@@ -97,9 +97,6 @@ def main() -> None:
         data = fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)
         model, rt = build(cfg)
         history = fmnist.train.fit(model, data, cfg.train, rt)
-    except UserError as e:  # bad options or data, a diverging run
-        print(f"muon.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
     predicted = fmnist.train.predict_logits(model, data.x_test, rt, cfg.train.eval_batch_size).argmax(1)
     print(f"{args.arch} Muon x{args.lr_scale:g} {' '.join(args.overrides)}: best epoch {history.best_epoch}, "
           f"validation {history.best_val_accuracy:.4f}, test accuracy {accuracy_score(data.y_test, predicted):.4f}, "

@@ -10,7 +10,6 @@ with the 4 or all 8 one-pixel shifts (10 and 18 views; zero padding, as the trai
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
@@ -19,7 +18,7 @@ from sklearn.metrics import accuracy_score, f1_score
 
 from fmnist import data as fdata
 from fmnist.config import Config, load_config
-from fmnist.errors import UserError
+from fmnist.errors import UserError, reported
 from fmnist.pipeline import build
 from fmnist.train import fit, predict_logits
 
@@ -44,15 +43,12 @@ def main() -> None:
     ap.add_argument("arch", help="an image model (cnn or ann; transfer trains on cached activations)")
     ap.add_argument("overrides", nargs="*", help="section.key=value, as for fmnist train")
     args = ap.parse_args()
-    try:
+    with reported("test_time_views.py"):  # bad options or data, missing weights, a diverging run
         cfg = load_config(args.arch, overrides=args.overrides)
         if args.arch == "transfer":
             raise UserError("transfer: trains on cached activations, so its views cannot be scored here; "
                             "expected cnn or ann")
         score_views(args.arch, args.overrides, cfg)
-    except UserError as e:  # bad options or data, missing weights, a diverging run
-        print(f"test_time_views.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
 
 
 def score_views(arch: str, overrides: list[str], cfg: Config) -> None:
@@ -69,6 +65,7 @@ def score_views(arch: str, overrides: list[str], cfg: Config) -> None:
         print(f"{name:>18} ({len(views):>2} views): test accuracy {accuracy_score(data.y_test, predicted):.4f}, "
               f"macro F1 {f1_score(data.y_test, predicted, average='macro'):.4f}, "
               f"{time.perf_counter() - start:.1f} s", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 import time
 
 import torch
@@ -23,7 +22,7 @@ from sklearn.metrics import accuracy_score
 
 from fmnist import data as fdata
 from fmnist.config import load_config
-from fmnist.errors import UserError
+from fmnist.errors import UserError, reported
 from fmnist.features import extract, prepare
 from fmnist.models.layers import fold_batchnorm
 from fmnist.pipeline import build
@@ -35,13 +34,10 @@ def main() -> None:
     ap.add_argument("--copies", type=int, default=2, help="randomly shifted and flipped copies to add (0: none)")
     ap.add_argument("overrides", nargs="*", help="section.key=value, as for fmnist train --arch transfer")
     args = ap.parse_args()
-    try:
+    with reported("transfer_cached_shifts.py"):  # bad options or data, missing weights, a diverging run
         if args.copies < 0:
             raise UserError(f"--copies {args.copies}: expected 0 or more")
         train_with_copies(args.copies, args.overrides)
-    except UserError as e:  # bad options or data, missing weights, a diverging run
-        print(f"transfer_cached_shifts.py: error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(2)
 
 
 def train_with_copies(n_copies: int, overrides: list[str]) -> None:
@@ -62,6 +58,7 @@ def train_with_copies(n_copies: int, overrides: list[str]) -> None:
     print(f"--copies {n_copies} {' '.join(overrides)}: {len(y):,} training inputs, best epoch "
           f"{history.best_epoch}, validation {history.best_val_accuracy:.4f}, test accuracy "
           f"{accuracy_score(data.y_test, predicted):.4f}, {history.seconds:.0f} s of training")
+
 
 if __name__ == "__main__":
     main()

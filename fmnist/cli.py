@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from fmnist.errors import ConfigError, UserError
+from fmnist.errors import ConfigError, UserError, one_line
 
 
 class Terminated(KeyboardInterrupt):
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
-        print(f"fmnist {args.command}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        print(f"fmnist {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
     except Terminated:
         print("fmnist: terminated (SIGTERM); runs in flight were ended KILLED", file=sys.stderr)

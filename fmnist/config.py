@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from fmnist.errors import ConfigError
+from fmnist.errors import ConfigError, one_line
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 REQUIRED: typing.Any = None  # no default: the experiment file (or an override) must give the value
@@ -147,7 +147,7 @@ def read_experiment(path: Path) -> list[tuple[str, object, str]]:
     try:
         doc = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"{path}: not valid YAML: {one_line(e)}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, tracking, tune)")
     return [(f"{s}.{k}", v, str(path)) for s, sec in doc.items() for k, v in _section(sec, s, path).items()]

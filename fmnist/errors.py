@@ -4,6 +4,9 @@ UserError and its kinds are errors a user can fix: each message names the option
 expected; the command line prints it on one line and exits with status 2."""
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
+
 
 class UserError(Exception):
     """Bad input or an unusable environment: reported in one line, exit status 2, never a traceback."""
@@ -40,3 +43,18 @@ class Diverged(UserError):
 
 class Pruned(Exception):
     """Raised by an epoch callback to end training on purpose (a search pruned the trial): not an error."""
+
+
+def one_line(error: BaseException) -> str:
+    """The message on one line, as the command line and the scripts print it."""
+    return " ".join(str(error).split())
+
+
+@contextmanager
+def reported(program: str):
+    """For a script: a UserError inside ends it with `program: error: <one line>` and exit status 2."""
+    try:
+        yield
+    except UserError as e:
+        print(f"{program}: error: {one_line(e)}", file=sys.stderr)
+        raise SystemExit(2) from None

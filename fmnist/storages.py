@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
@@ -42,10 +43,14 @@ class SQLiteStorage(RDBStorage):
     second to finish it then crashed telling a finished trial (UpdateFinishedTrialError). A file lock on the
     database makes the read and the write one step. PostgreSQL and MySQL lock the row themselves."""
 
+    def __init__(self, url: str, **kwargs):
+        super().__init__(url, **kwargs)
+        self.database = Path(sqlalchemy.engine.make_url(url).database).resolve()  # resolved once, against the cwd
+
     def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
         if state != TrialState.RUNNING:
             return super().set_trial_state_values(trial_id, state, values)
-        with file_lock(sqlalchemy.engine.make_url(self.url).database):
+        with file_lock(self.database):  # a lock object per call: a storage may be pickled, a lock may not
             return super().set_trial_state_values(trial_id, state, values)
 
 

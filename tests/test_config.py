@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from fmnist.config import EXPERIMENTS_DIR, TrainConfig, load_config
-from fmnist.errors import ConfigError
+from fmnist.errors import ConfigError, reported
 from fmnist.models import available, builder_defaults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +183,14 @@ def test_tune_refuses_bad_options_before_any_study(tiny_data, tmp_path, capsys):
     assert "tune.storage=nosuchdb://x: not a database URL" in capsys.readouterr().err
     assert main([*base, "--n-trials", "2", "tune.pruner=best"]) == 2
     assert "tune.pruner='best': expected median, hyperband or none" in capsys.readouterr().err
+
+
+def test_a_script_reports_a_user_error_in_one_line_with_status_2_and_lets_others_through(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        with reported("script.py"):
+            raise ConfigError("train.lr=inf:\n   expected a finite number")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == "script.py: error: train.lr=inf: expected a finite number\n"
+    with pytest.raises(RuntimeError):  # a bug is not the user's to fix: its traceback stays
+        with reported("script.py"):
+            raise RuntimeError("a bug")

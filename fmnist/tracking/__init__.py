@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import mlflow
 from mlflow.data.sources import LocalArtifactDatasetSource
 
-from fmnist.errors import Pruned, TrackingError, UserError
+from fmnist.errors import Pruned, TrackingError, UserError, one_line
 from fmnist.signals import HeldSignals
 from fmnist.tracking import store
 from fmnist.tracking.sender import Sender, outbox_dir
@@ -46,7 +46,8 @@ class MLflowTracker:
         """Start a run (nested under `parent`), or resume run `resume`, or adopt `mlflow run`'s, and always end
         it: FINISHED, KILLED on Ctrl-C or SIGTERM, FAILED on an error, with the reason in `fmnist.end_reason`."""
         client = mlflow.MlflowClient()
-        run_id, run = resume or (None if parent else os.environ.pop("MLFLOW_RUN_ID", None)), None
+        run_id = resume or (None if parent else os.environ.pop("MLFLOW_RUN_ID", None))  # None: a new run
+        run = None
         try:  # from here on, whatever happens, a run that exists is ended
             experiment_id = None
             if not run_id:  # a new run, in its parent's experiment or this tracker's
@@ -67,9 +68,8 @@ class MLflowTracker:
             end(run, run_id, "KILLED", f"interrupted ({e or 'Ctrl-C'})")
             raise
         except BaseException as e:
-            one_line = " ".join(str(e).split())[:500]
-            end(run, run_id, "FAILED", one_line if isinstance(e, UserError) else f"{type(e).__name__}: "
-                f"{one_line}")
+            message = one_line(e)[:500]
+            end(run, run_id, "FAILED", message if isinstance(e, UserError) else f"{type(e).__name__}: {message}")
             raise
         else:
             run.close("FINISHED")
@@ -95,7 +95,7 @@ def probe_artifacts(client: mlflow.MlflowClient, run_id: str) -> None:
                         "fmnist/launch.json")
     except Exception as e:
         reason = (f"artifact location {client.get_run(run_id).info.artifact_uri} does not take files "
-                  f"({' '.join(str(e).split())[:200]})")
+                  f"({one_line(e)[:200]})")
         raise TrackingError(f"run {run_id}: {reason}; it ended FAILED before training") from None
 
 

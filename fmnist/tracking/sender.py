@@ -26,7 +26,7 @@ from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunT
 from mlflow.exceptions import MlflowException
 
 from fmnist.data import cache_dir
-from fmnist.errors import TrackingError
+from fmnist.errors import TrackingError, one_line
 
 OPS = {}  # operation name -> function(client, run_id, state, **arguments)
 MAX_METRICS = 1000  # MLflow's log_batch takes at most this many metrics per request
@@ -166,7 +166,7 @@ class Sender:
                         self.cond.wait(delay)  # a stop() wakes it at once
                     delay = min(delay * 2, 10.0)  # a retry every 10 s at most: quick to resume, light on a server
                     continue
-                self.state.setdefault("errors", []).append(f"{head[0]['op']}: {' '.join(str(e).split())[:300]}")
+                self.state.setdefault("errors", []).append(f"{head[0]['op']}: {one_line(e)[:300]}")
             with self.cond:
                 for _ in head:
                     self.ops.popleft()
@@ -265,7 +265,7 @@ def sync(entry: Path) -> tuple[str, int, int]:
         except Exception as e:
             where = mlflow.get_tracking_uri()
             raise TrackingError(f"{entry}: sending {record['ops'][0]['op']} to {where} failed "
-                                f"({' '.join(str(e).split())[:300]}); {len(record['ops'])} operations left, "
+                                f"({one_line(e)[:300]}); {len(record['ops'])} operations left, "
                                 "run fmnist sync again") from None
         del record["ops"][:n]
         requests += 1

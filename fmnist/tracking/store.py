@@ -23,7 +23,7 @@ import requests
 from mlflow.exceptions import MlflowException
 
 from fmnist.data import file_lock
-from fmnist.errors import ConfigError, TrackingError
+from fmnist.errors import ConfigError, TrackingError, one_line
 
 HOST_TAG, PID_TAG, BEAT_TAG, INTERVAL_TAG, REASON_TAG = ("fmnist.host", "fmnist.pid", "fmnist.heartbeat",
                                                          "fmnist.heartbeat_interval", "fmnist.end_reason")
@@ -47,7 +47,7 @@ def check_reachable() -> None:
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=5).raise_for_status()
     except requests.RequestException as e:
-        reason = type(e).__name__ if not str(e) else " ".join(str(e).split())[:200]
+        reason = type(e).__name__ if not str(e) else one_line(e)[:200]
         raise TrackingError(f"MLFLOW_TRACKING_URI={uri}: the tracking server does not answer ({reason}); start "
                             "it (fmnist server) or point MLFLOW_TRACKING_URI at one that runs") from None
 
@@ -222,4 +222,4 @@ def download(run_id: str, artifact_path: str, dst: Path) -> Path:
                                                         dst_path=str(dst)))
     except (MlflowException, OSError) as e:
         raise TrackingError(f"run {run_id}: cannot read its artifact {artifact_path} "
-                          f"({' '.join(str(e).split())[:200]})") from None
+                          f"({one_line(e)[:200]})") from None
