@@ -45,6 +45,11 @@ class Pruned(Exception):
     """Raised by an epoch callback to end training on purpose (a search pruned the trial): not an error."""
 
 
+class GivenUp(Exception):
+    """Raised by an epoch callback when another worker has failed this search trial (this one sent no heartbeat
+    for the grace period: suspended, stopped or stalled) and queued its retry: training it further is wasted."""
+
+
 def one_line(error: BaseException) -> str:
     """The message on one line, as the command line and the scripts print it."""
     return " ".join(str(error).split())

@@ -10,6 +10,7 @@ is done, its best configuration is retrained once, evaluated on the test set and
 from __future__ import annotations
 
 import collections
+import math
 import os
 import random
 import socket
@@ -25,7 +26,7 @@ from optuna.trial import TrialState
 
 from fmnist import data as fdata
 from fmnist.config import Config, load_config, parse_overrides
-from fmnist.errors import ConfigError, Pruned, SearchError
+from fmnist.errors import ConfigError, GivenUp, Pruned, SearchError
 from fmnist.pipeline import Run, Tracker, run_experiment
 from fmnist.signals import HeldSignals
 from fmnist.storages import open_storage, redacted, retry
@@ -62,8 +63,7 @@ def tune(arch: str, config_path: str | None, overrides: list[str], tracker: Trac
                              "optuna.storage": redacted(cfg.tune.storage)})
         objective = Objective(arch, config_path, list(overrides), cfg, data, parent.id, tracker)
         before = len(study.trials)
-        if not enough(study, cfg.tune.n_trials):
-            optimize(study, objective, cfg)
+        optimize(study, objective, cfg)
         best = _best(study)
         if launcher:  # what this resume added, on the run `mlflow run` made for it
             store.log_metrics_to(launcher, {"trials_added": len(study.trials) - before} |
@@ -89,18 +89,37 @@ def tune(arch: str, config_path: str | None, overrides: list[str], tracker: Trac
 
 
 def optimize(study: optuna.Study, objective, cfg: Config) -> None:
-    """Trials until the study holds n_trials. Ctrl-C and SIGTERM reach only a trial's objective, where Optuna fails
-    the trial and the pipeline ends its run KILLED. Elsewhere Optuna is writing a trial's state or creating the
-    next trial, and an exception there leaves a trial RUNNING or trips an assertion inside Optuna (both seen in
-    tests); there the signal is held, the search stops after the trial in hand, and the signal is raised then.
-    With tune.n_jobs > 1 the trials run in threads that no signal reaches: each stops at its next epoch's end."""
+    """Trials until the study holds n_trials or tune.timeout has passed. Ctrl-C and SIGTERM reach only a trial's
+    objective, where Optuna fails the trial and the pipeline ends its run KILLED. Elsewhere Optuna is writing a
+    trial's state or creating the next trial, and an exception there leaves a trial RUNNING or trips an assertion
+    inside Optuna (both seen in tests); there the signal is held, the search stops after the trial in hand, and
+    the signal is raised then. With tune.n_jobs > 1 the trials run in threads that no signal reaches: each stops
+    at its next epoch's end. A trial another worker failed while this one was stopped cannot be told, and Optuna
+    raises for it; the search then goes on."""
+    deadline = time.monotonic() + cfg.tune.timeout if cfg.tune.timeout else math.inf
+    given_up: list[int] = []
     with HeldSignals() as signals:
         def deliverable(trial: optuna.Trial) -> float:
-            with signals.delivered():
-                return objective(trial, signals)  # with tune.n_jobs > 1 a trial checks for a signal each epoch
+            try:
+                with signals.delivered():
+                    return objective(trial, signals)  # with tune.n_jobs > 1 a trial checks for a signal each epoch
+            except GivenUp as e:
+                print(f"fmnist tune: {e}", flush=True)
+                given_up.append(trial.number)
+                return math.nan  # returned, not raised: Optuna would log the exception with its traceback
 
-        study.optimize(deliverable, n_jobs=cfg.tune.n_jobs, timeout=cfg.tune.timeout or None, catch=(ConfigError,),
-                       callbacks=[lambda s, _: (enough(s, cfg.tune.n_trials) or signals.held) and s.stop()])
+        def done(s: optuna.Study = study) -> bool:
+            return enough(s, cfg.tune.n_trials) or bool(signals.held)
+
+        while not done() and (left := deadline - time.monotonic()) > 0:
+            try:
+                study.optimize(deliverable, n_jobs=cfg.tune.n_jobs, timeout=left if left < math.inf else None,
+                               catch=(ConfigError,), callbacks=[lambda s, trial: done(s) and s.stop()])
+                return
+            except (ValueError, AssertionError):  # "Cannot tell a FAIL trial", or Optuna's assertion after it
+                if not given_up:
+                    raise
+                given_up.clear()
 
 
 def log_search(parent: Run, study: optuna.Study, space: dict, best: dict | None) -> None:
@@ -156,6 +175,8 @@ class Objective:
                                            "optuna.worker": f"{socket.gethostname()}:{os.getpid()}"})
         except Pruned:
             raise optuna.TrialPruned() from None
+        if trial.number in failed_trials(trial.study):  # stopped after its last epoch's report
+            raise given_up(trial.number)
         return outcome.history.best_val_accuracy
 
 
@@ -166,7 +187,10 @@ class PruneOnEpoch:
         self.trial = trial
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.trial.report(metrics["val_accuracy"], epoch)
+        try:
+            self.trial.report(metrics["val_accuracy"], epoch)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            raise given_up(self.trial.number) from None
         if self.trial.should_prune():
             raise Pruned(f"trial {self.trial.number} pruned after epoch {epoch}")
 
@@ -205,6 +229,15 @@ def retry_stale_trial(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> N
     if "mlflow_run_id" in study.user_attrs:
         store.end_stale_trial_run(study.user_attrs["mlflow_run_id"], study.study_name, trial.number)
     RetryHeartbeatStaleTrialCallback(max_retry=3)(study, trial)
+
+
+def given_up(number: int) -> GivenUp:
+    return GivenUp(f"trial {number} was failed by another worker while this one sent no heartbeat (stopped or "
+                   "suspended past the grace period); its retry runs there, so this worker gives it up and goes on")
+
+
+def failed_trials(study: optuna.Study) -> set[int]:
+    return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
 
 
 def enough(study: optuna.Study, n_trials: int) -> bool:

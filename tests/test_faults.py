@@ -269,3 +269,21 @@ def test_a_backlog_of_epochs_is_sent_in_a_few_requests_in_order(tracking_env, tm
         history = client.get_metric_history(run_id, "epoch")
         assert [(m.step, m.value, m.timestamp) for m in history] == [(e, e, 1000 * e) for e in range(1, 1201)]
         assert client.get_run(run_id).data.tags["after"] == "the metrics"
+
+
+def test_writers_sharing_a_run_keep_their_own_staged_files(tracking_env, tmp_path):
+    """The workers of a shared search all write to its parent run: the one that finishes first must not take the
+    other's queued files with it (it did: one outbox folder per run id, removed by the first to close)."""
+    from fmnist.tracking import MLflowTracker
+
+    files = tmp_path / "files"
+    files.mkdir()
+    (files / "trials.csv").write_text("number,value\n0,0.9\n")
+    tracker = MLflowTracker("shared-parent")
+    with tracker.run("search") as first:
+        with tracker.run("search", resume=first.id) as second:  # another worker joins the same parent run
+            second.log_artifacts(files, "second")
+        first.log_artifacts(files, "first")
+    client = MlflowClient()
+    assert {"first", "second"} <= {f.path for f in client.list_artifacts(first.id)}
+    assert client.get_run(first.id).info.status == "FINISHED"

@@ -17,7 +17,9 @@ from optuna.trial import TrialState
 from conftest import ROOT
 from fmnist.config import load_config
 from fmnist.storages import open_storage
-from fmnist.tune import optimize
+from fmnist.data import load
+from fmnist.pipeline import NullTracker
+from fmnist.tune import Objective, optimize
 
 pytestmark = pytest.mark.slow
 
@@ -120,7 +122,7 @@ def test_ctrl_c_before_a_trials_objective_fails_that_trial_and_no_other_workers(
     study = optuna.create_study(storage=storage, study_name="s", sampler=InterruptedOnceCreated())
     optuna.load_study(study_name="s", storage=open_storage(url, heartbeat=60)).ask()  # trial 0: another worker's
     study.enqueue_trial({})  # trial 1: queued, then taken by this worker
-    cfg = load_config("ann", None, [])
+    cfg = load_config("ann", None, ["tune.n_trials=3"])
     for _ in range(2):  # the queued trial, then a new one (trial 2)
         with pytest.raises(KeyboardInterrupt):
             optimize(study, lambda trial, _: 1.0, cfg)
@@ -260,6 +262,59 @@ def test_killed_worker_trial_is_failed_and_retried(tracking_env, tiny_data, tmp_
     parent, runs, best = search_runs("killed")
     assert runs[failed.number].info.status == "FAILED" and runs[failed.number].data.tags["trial_state"] == "STALE"
     assert parent.info.status == "FINISHED" and len(best) == 1
+
+
+def test_a_worker_stopped_past_the_grace_period_gives_up_its_failed_trial_and_goes_on(tracking_env, tiny_data,
+                                                                                      tmp_path):
+    """A suspended laptop: SIGSTOP a worker mid-trial until another worker has failed and retried its trial, then
+    SIGCONT it. It gives the trial up at its next epoch's end (its run stays FAILED) and finishes without a crash."""
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    sleeper = subprocess.Popen(tune_command(tiny_data, storage, "stopped", 2, "train.epochs=100000"), cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (_exists(storage, "stopped") and states(storage, "stopped")[TrialState.RUNNING]
+               and _trial_runs("stopped")):
+        assert time.time() < deadline and sleeper.poll() is None, sleeper.stdout.read()[-3000:]
+        time.sleep(0.3)
+    sleeper.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(2.5)  # heartbeat 1 s: stale after 2 s of silence
+        run(tune_command(tiny_data, storage, "stopped", 2, "train.epochs=2"), tmp_path)  # another worker
+    finally:
+        sleeper.send_signal(signal.SIGCONT)
+    out, _ = sleeper.communicate(timeout=120)
+    assert sleeper.returncode == 0, out[-3000:]
+    assert "Traceback" not in out and "trial 0 was failed by another worker" in out, out[-3000:]
+    trials = optuna.load_study(study_name="stopped", storage=storage).trials
+    assert Counter(t.state for t in trials) == {TrialState.FAIL: 1, TrialState.COMPLETE: 2}
+    parent, runs, best = search_runs("stopped")
+    assert runs[0].info.status == "FAILED" and runs[0].data.tags["trial_state"] == "STALE"
+    assert parent.info.status == "FINISHED" and len(best) == 1
+
+
+class FailedByAnotherWorkerAtTheLastEpoch(optuna.pruners.NopPruner):
+    """Another worker fails trial 0 (as after a stop past the grace period) right after its last epoch's report."""
+
+    def __init__(self, other: optuna.storages.BaseStorage, last_epoch: int):
+        self.other, self.last_epoch = other, last_epoch
+
+    def prune(self, study, trial) -> bool:
+        if trial.number == 0 and trial.last_step == self.last_epoch:
+            self.other.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        return False
+
+
+def test_a_trial_failed_by_another_worker_after_its_last_epoch_is_given_up_and_the_search_goes_on(
+        tiny_data, tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    overrides = ["model.widths=[16]", "train.epochs=2", "tune.n_trials=2", LR]
+    cfg = load_config("ann", None, overrides)
+    study = optuna.create_study(storage=open_storage(url, heartbeat=60), study_name="s", direction="maximize",
+                                pruner=FailedByAnotherWorkerAtTheLastEpoch(open_storage(url, heartbeat=60), 2))
+    data = load(tiny_data, cfg.data.val_fraction, cfg.train.seed)
+    optimize(study, Objective("ann", None, overrides, cfg, data, "untracked", NullTracker(tmp_path)), cfg)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert "trial 0 was failed by another worker" in capsys.readouterr().out
 
 
 def _exists(storage: str, study: str) -> bool:

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -112,8 +113,10 @@ class MLflowRun:
 
     def __init__(self, run_id: str, heartbeat: float, outage_wait: float):
         self.id, self.outage_wait = run_id, outage_wait
-        self.stage = outbox_dir() / run_id  # files queued for sending; the outbox entry if the store is away
-        self.stage.mkdir(parents=True, exist_ok=True)
+        # Files queued for sending; the outbox entry if the store is away. One folder per writer: the workers of
+        # a shared search all write to its parent run, and the first to finish removes its own folder.
+        outbox_dir().mkdir(parents=True, exist_ok=True)
+        self.stage = Path(tempfile.mkdtemp(prefix=f"{run_id}-", dir=outbox_dir()))
         self.sender = Sender(run_id, self.stage)
         self.pulse = Pulse(self.sender, heartbeat)
 
