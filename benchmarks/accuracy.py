@@ -21,6 +21,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from fmnist.errors import reported
+
 RESULTS = Path(__file__).with_name("accuracy.csv")
 FIELDS = ["date", "arch", "overrides", "test_accuracy", "macro_f1", "best_epoch", "train_seconds", "wall_seconds",
           "feature_cache", "note"]
@@ -75,4 +77,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reported("accuracy.py"):
+        main()

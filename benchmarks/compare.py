@@ -26,6 +26,7 @@ import pandas as pd
 from fmnist.compare import compare
 from fmnist.config import load_config
 from fmnist.data import CLASSES
+from fmnist.errors import reported
 from fmnist.evaluate import predictions_table, slug
 from fmnist.tracking import MLflowTracker
 
@@ -95,4 +96,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reported("compare.py"):
+        main()

@@ -32,6 +32,7 @@ import torch
 
 from fmnist import data as fdata
 from fmnist.config import load_config
+from fmnist.errors import reported
 from fmnist.models.layers import fold_batchnorm
 from fmnist.models.transfer import TransferNet
 from fmnist.pipeline import build
@@ -137,4 +138,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reported("serving.py"):
+        main()

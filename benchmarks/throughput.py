@@ -24,6 +24,7 @@ from torchvision import datasets, transforms
 
 from fmnist import data as fdata
 from fmnist.config import TrainConfig, load_config
+from fmnist.errors import reported
 from fmnist.models import build_model
 from fmnist.train import Runtime, augment, make_optimizer, resolve_runtime, train_step
 
@@ -103,4 +104,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reported("throughput.py"):
+        main()

@@ -16,6 +16,7 @@ import torch
 
 from fmnist import data as fdata
 from fmnist.config import TrainConfig, load_config
+from fmnist.errors import reported
 from fmnist.features import extract
 from fmnist.models import build_model
 from fmnist.models.layers import fold_batchnorm
@@ -90,4 +91,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reported("transfer.py"):
+        main()

@@ -21,6 +21,7 @@ import optuna
 from optuna.trial import TrialState
 
 from fmnist.config import load_config
+from fmnist.errors import reported
 
 
 def run_search(arch: str, trials: int, pruner: str, workers: int, storage: str | None, threads: int,
@@ -82,4 +83,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with reported("tuning.py"):
+        main()

@@ -57,9 +57,13 @@ def one_line(error: BaseException) -> str:
 
 @contextmanager
 def reported(program: str):
-    """For a script: a UserError inside ends it with `program: error: <one line>` and exit status 2."""
+    """For a script: a UserError inside ends it with `program: error: <one line>` and exit status 2, Ctrl-C with
+    `program: interrupted` and 130, as the command line does; neither prints a traceback."""
     try:
         yield
     except UserError as e:
         print(f"{program}: error: {one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(f"{program}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -1,3 +1,6 @@
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -194,3 +197,13 @@ def test_a_script_reports_a_user_error_in_one_line_with_status_2_and_lets_others
     with pytest.raises(RuntimeError):  # a bug is not the user's to fix: its traceback stays
         with reported("script.py"):
             raise RuntimeError("a bug")
+
+
+def test_a_script_interrupted_with_ctrl_c_says_so_in_one_line_with_status_130():
+    script = ("import time\nfrom fmnist.errors import reported\nwith reported('script.py'):\n"
+              "    print('ready', flush=True)\n    time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err) == (130, "script.py: interrupted\n")
