@@ -19,7 +19,7 @@ from fmnist.config import load_config
 from fmnist.storages import open_storage
 from fmnist.data import load
 from fmnist.pipeline import NullTracker
-from fmnist.tune import Objective, optimize
+from fmnist.tune import Objective, PruneOnEpoch, make_pruner, optimize
 
 pytestmark = pytest.mark.slow
 
@@ -292,14 +292,42 @@ def test_a_worker_stopped_past_the_grace_period_gives_up_its_failed_trial_and_go
     assert parent.info.status == "FINISHED" and len(best) == 1
 
 
+@pytest.mark.parametrize("epochs, steps", [(6, [1, 3, 5, 6, 8, 10]), (11, list(range(11))),
+                                           (16, list(range(11))), (3, [3, 6, 10])])
+def test_trials_report_at_the_same_tenths_of_their_schedules(epochs, steps):
+    trial = optuna.create_study().ask()
+    prune = PruneOnEpoch(trial, epochs)
+    for epoch in range(1, epochs + 1):
+        prune.on_epoch_end(epoch, {"val_accuracy": epoch / epochs})
+    frozen = trial.study.trials[0]
+    assert sorted(frozen.intermediate_values) == steps and frozen.user_attrs["epochs_run"] == epochs
+    assert frozen.intermediate_values[1 if epochs > 3 else 3] == (2 if epochs > 10 else 1) / epochs  # its first
+
+
+def test_a_short_schedules_early_lead_does_not_prune_a_long_one():
+    """The CNN's validation accuracy (defaults, seed 0) measured at the first epochs of 6-, 11- and 16-epoch
+    schedules. Per epoch, the 11-epoch trial trails the other two at epoch 1 and was pruned there, though the
+    longer schedule ends higher; at equal tenths of the schedules it leads them."""
+    study = optuna.create_study(direction="maximize", pruner=make_pruner("median"))
+    for epochs, curve in {6: [0.8682, 0.8970, 0.9092], 16: [0.8567, 0.8803, 0.9012]}.items():
+        trial = study.ask()  # the two complete trials the median pruner waits for
+        prune = PruneOnEpoch(trial, epochs)
+        for epoch, value in enumerate(curve, 1):
+            prune.on_epoch_end(epoch, {"val_accuracy": value})
+        study.tell(trial, max(curve))
+    prune = PruneOnEpoch(study.ask(), 11)
+    for epoch, value in enumerate([0.8525, 0.8892], 1):
+        prune.on_epoch_end(epoch, {"val_accuracy": value})  # Pruned, were it pruned
+
+
 class FailedByAnotherWorkerAtTheLastEpoch(optuna.pruners.NopPruner):
     """Another worker fails trial 0 (as after a stop past the grace period) right after its last epoch's report."""
 
-    def __init__(self, other: optuna.storages.BaseStorage, last_epoch: int):
-        self.other, self.last_epoch = other, last_epoch
+    def __init__(self, other: optuna.storages.BaseStorage):
+        self.other = other
 
     def prune(self, study, trial) -> bool:
-        if trial.number == 0 and trial.last_step == self.last_epoch:
+        if trial.number == 0 and trial.last_step == 10:  # a trial's last epoch reports step 10 (tenths)
             self.other.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         return False
 
@@ -310,7 +338,7 @@ def test_a_trial_failed_by_another_worker_after_its_last_epoch_is_given_up_and_t
     overrides = ["model.widths=[16]", "train.epochs=2", "tune.n_trials=2", LR]
     cfg = load_config("ann", None, overrides)
     study = optuna.create_study(storage=open_storage(url, heartbeat=60), study_name="s", direction="maximize",
-                                pruner=FailedByAnotherWorkerAtTheLastEpoch(open_storage(url, heartbeat=60), 2))
+                                pruner=FailedByAnotherWorkerAtTheLastEpoch(open_storage(url, heartbeat=60)))
     data = load(tiny_data, cfg.data.val_fraction, cfg.train.seed)
     optimize(study, Objective("ann", None, overrides, cfg, data, "untracked", NullTracker(tmp_path)), cfg)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
