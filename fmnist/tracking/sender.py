@@ -4,8 +4,8 @@ Training never waits for the tracking server. Each operation (an epoch's metrics
 registration, the run's end) is queued and sent in order by a background thread, consecutive epochs' metrics in
 one request. When the server does not answer, the queue keeps everything, one line says so, and sending resumes
 where it stopped once the server is back. A run that ends while the server is still away writes what was not
-sent, with the files it refers to, into its outbox folder (~/.cache/fmnist/outbox/<run id>-<suffix>); `fmnist sync` sends
-it later, in the same order.
+sent, with the files it refers to, into its outbox folder (~/.cache/fmnist/outbox/<run id>-<suffix>); `fmnist sync`
+sends it later, in the same order.
 """
 from __future__ import annotations
 
