@@ -242,13 +242,7 @@ def test_two_workers_share_one_study_without_losing_or_repeating_trials(tracking
 
 def test_killed_worker_trial_is_failed_and_retried(tracking_env, tiny_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    hangs = subprocess.Popen(tune_command(tiny_data, storage, "killed", 2, "train.epochs=100000"), cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (_exists(storage, "killed") and states(storage, "killed")[TrialState.RUNNING]
-               and _trial_runs("killed")):
-        assert time.time() < deadline and hangs.poll() is None, hangs.stdout.read()[-3000:]
-        time.sleep(0.3)
+    hangs = worker_inside_trial_0(tiny_data, storage, "killed", tmp_path)
     hangs.send_signal(signal.SIGKILL)
     hangs.wait(timeout=30)
     time.sleep(2.5)  # heartbeat 1 s: stale after 2 s of silence
@@ -269,13 +263,7 @@ def test_a_worker_stopped_past_the_grace_period_gives_up_its_failed_trial_and_go
     """A suspended laptop: SIGSTOP a worker mid-trial until another worker has failed and retried its trial, then
     SIGCONT it. It gives the trial up at its next epoch's end (its run stays FAILED) and finishes without a crash."""
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    sleeper = subprocess.Popen(tune_command(tiny_data, storage, "stopped", 2, "train.epochs=100000"), cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (_exists(storage, "stopped") and states(storage, "stopped")[TrialState.RUNNING]
-               and _trial_runs("stopped")):
-        assert time.time() < deadline and sleeper.poll() is None, sleeper.stdout.read()[-3000:]
-        time.sleep(0.3)
+    sleeper = worker_inside_trial_0(tiny_data, storage, "stopped", tmp_path)
     sleeper.send_signal(signal.SIGSTOP)
     try:
         time.sleep(2.5)  # heartbeat 1 s: stale after 2 s of silence
@@ -343,6 +331,17 @@ def test_a_trial_failed_by_another_worker_after_its_last_epoch_is_given_up_and_t
     optimize(study, Objective("ann", None, overrides, cfg, data, "untracked", NullTracker(tmp_path)), cfg)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert "trial 0 was failed by another worker" in capsys.readouterr().out
+
+
+def worker_inside_trial_0(tiny_data, storage: str, study: str, cwd) -> subprocess.Popen:
+    """A worker of a 2-trial search whose first trial (endless epochs) is running and has its MLflow run."""
+    worker = subprocess.Popen(tune_command(tiny_data, storage, study, 2, "train.epochs=100000"), cwd=cwd,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (_exists(storage, study) and states(storage, study)[TrialState.RUNNING] and _trial_runs(study)):
+        assert time.time() < deadline and worker.poll() is None, worker.stdout.read()[-3000:]
+        time.sleep(0.3)
+    return worker
 
 
 def _exists(storage: str, study: str) -> bool:
