@@ -56,6 +56,21 @@ class HeldSignals:
         finally:
             self.open = False
 
+    @contextmanager
+    def postponed(self):
+        """Inside a `delivered()` block, hold signals for a moment (a database write that must not be cut in
+        half) and deliver a held one after it. Other threads get no signals, only checkpoints: nothing to hold."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        was_open, self.open = self.open, False
+        try:
+            yield
+        finally:
+            self.open = was_open
+        if was_open:
+            self._raise_held()
+
     def checkpoint(self) -> None:
         """Outside the main thread, raise the held signal here; it stays held for the other threads."""
         signum = self.held  # read once: the main thread's handler may set it at any moment

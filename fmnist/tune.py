@@ -10,6 +10,7 @@ is done, its best configuration is retrained once, evaluated on the test set and
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import random
@@ -31,7 +32,6 @@ from fmnist.pipeline import Run, Tracker, run_experiment
 from fmnist.signals import HeldSignals
 from fmnist.storages import open_storage, redacted, retry
 from fmnist.tracking import store
-from fmnist.train import Callback
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # each trial prints its own epochs
 # fail_stale_trials and the matplotlib plots are marked experimental; they are the documented way all the same
@@ -164,14 +164,14 @@ class Objective:
         self.arch, self.config_path, self.overrides, self.cfg = arch, config_path, overrides, cfg
         self.data, self.parent_run_id, self.tracker = data, parent_run_id, tracker
 
-    def __call__(self, trial: optuna.Trial, interrupt: Callback) -> float:
+    def __call__(self, trial: optuna.Trial, interrupt: HeldSignals) -> float:
         sampled = as_overrides({key: suggest(trial, key, spec) for key, spec in self.cfg.tune.space.items()})
         cfg = load_config(self.arch, self.config_path, [*self.overrides, *sampled,
                                                         f"tracking.run_name=trial-{trial.number}"])
         print(f"trial {trial.number}: {trial.params}", flush=True)
         try:
             outcome = run_experiment(cfg, self.tracker, self.data, parent=self.parent_run_id, trial=True,
-                                     callbacks=[PruneOnEpoch(trial, cfg.train.epochs), interrupt],
+                                     callbacks=[PruneOnEpoch(trial, cfg.train.epochs, interrupt), interrupt],
                                      tags={"optuna.study": trial.study.study_name, "optuna.trial": str(trial.number),
                                            "optuna.worker": f"{socket.gethostname()}:{os.getpid()}"})
         except Pruned:
@@ -187,18 +187,22 @@ class PruneOnEpoch:
     learning rate follows the planned epochs, so at epoch 1 a 6-epoch CNN led an 11- and a 16-epoch one by 1.2 to
     1.6 points of validation accuracy, though it ends below them: per-epoch steps pruned long schedules early."""
 
-    def __init__(self, trial: optuna.Trial, epochs: int):
+    def __init__(self, trial: optuna.Trial, epochs: int, signals: HeldSignals | None = None):
         self.trial, self.epochs, self.step = trial, epochs, -1
+        # A Ctrl-C inside Optuna's write can leave its session unusable, and telling the trial then fails
+        self.writing = signals.postponed if signals else contextlib.nullcontext
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         step = TENTHS * epoch // self.epochs
         try:
-            self.trial.set_user_attr("epochs_run", epoch)
-            if step == self.step:  # over 10 epochs, some share a tenth: its first epoch reported it
-                return
-            self.trial.report(metrics["val_accuracy"], step)
+            with self.writing():
+                self.trial.set_user_attr("epochs_run", epoch)
+                if step != self.step:  # over 10 epochs, some share a tenth: its first epoch reports it
+                    self.trial.report(metrics["val_accuracy"], step)
         except optuna.exceptions.UpdateFinishedTrialError:
             raise given_up(self.trial.number) from None
+        if step == self.step:
+            return
         self.step = step
         if self.trial.should_prune():
             raise Pruned(f"trial {self.trial.number} pruned after epoch {epoch} of {self.epochs}")

@@ -20,6 +20,7 @@ from fmnist.config import load_config
 from fmnist.storages import open_storage
 from fmnist.data import load
 from fmnist.pipeline import NullTracker
+from fmnist.signals import HeldSignals
 from fmnist.tune import Objective, PruneOnEpoch, make_pruner, optimize
 
 pytestmark = pytest.mark.slow
@@ -308,6 +309,24 @@ def test_a_short_schedules_early_lead_does_not_prune_a_long_one():
     prune = PruneOnEpoch(study.ask(), 11)
     for epoch, value in enumerate([0.8525, 0.8892], 1):
         prune.on_epoch_end(epoch, {"val_accuracy": value})  # Pruned, were it pruned
+
+
+def test_ctrl_c_during_a_trials_report_is_delivered_after_the_write(tmp_path):
+    """A Ctrl-C in the middle of Optuna's database write could leave its session unusable, so that telling the
+    trial failed (`Should not reach`, seen once in the suite): the epoch callback's writes hold it until done."""
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=60))
+    trial = study.ask()
+    written = []
+
+    def report_with_ctrl_c_inside(value, step):
+        os.kill(os.getpid(), signal.SIGINT)  # Python runs the handler at the next bytecode: inside the write
+        written.append(step)
+
+    with HeldSignals() as signals, signals.delivered():
+        trial.report = report_with_ctrl_c_inside
+        with pytest.raises(KeyboardInterrupt):
+            PruneOnEpoch(trial, 2, signals).on_epoch_end(1, {"val_accuracy": 0.5})
+    assert written == [5]  # the write finished; the interrupt came after it
 
 
 class FailedByAnotherWorkerAtTheLastEpoch(optuna.pruners.NopPruner):
