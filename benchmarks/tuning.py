@@ -42,6 +42,9 @@ def run_search(arch: str, trials: int, pruner: str, workers: int, storage: str |
             time.sleep(1 if i == 0 and workers > 1 else 0)
         for proc in procs:
             _, err = proc.communicate()
+            if proc.returncode == 2:  # bad input: the worker's own one-line report, passed on as it is
+                print(err.strip().splitlines()[-1], file=sys.stderr)
+                raise SystemExit(2)
             if proc.returncode:
                 raise SystemExit(f"fmnist tune failed:\n{err[-3000:]}")
         wall = time.perf_counter() - start
