@@ -43,7 +43,7 @@ def run_search(arch: str, trials: int, pruner: str, workers: int, storage: str |
         for proc in procs:
             _, err = proc.communicate()
             if proc.returncode == 2:  # bad input: the worker's own one-line report, passed on as it is
-                print(err.strip().splitlines()[-1], file=sys.stderr)
+                print((err.strip().splitlines() or ["fmnist tune: bad input (exit status 2)"])[-1], file=sys.stderr)
                 raise SystemExit(2)
             if proc.returncode:
                 raise SystemExit(f"fmnist tune failed:\n{err[-3000:]}")

@@ -157,7 +157,8 @@ def claim_retrain(study: optuna.Study, key: str) -> bool:
 
 
 class Objective:
-    """One trial: the base configuration plus the sampled values, trained as a nested run, pruned by epoch."""
+    """One trial: the base configuration plus the sampled values, trained as a nested run, pruned at tenths of its
+    schedule."""
 
     def __init__(self, arch: str, config_path, overrides: list[str], cfg: Config, data, parent_run_id: str,
                  tracker: Tracker):
@@ -194,17 +195,16 @@ class PruneOnEpoch:
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         step = TENTHS * epoch // self.epochs
+        first_of_its_tenth = step != self.step  # over 10 epochs, some share a tenth: the first reports it
         try:
             with self.writing():
                 self.trial.set_user_attr("epochs_run", epoch)
-                if step != self.step:  # over 10 epochs, some share a tenth: its first epoch reports it
+                if first_of_its_tenth:
                     self.trial.report(metrics["val_accuracy"], step)
         except optuna.exceptions.UpdateFinishedTrialError:
             raise given_up(self.trial.number) from None
-        if step == self.step:
-            return
         self.step = step
-        if self.trial.should_prune():
+        if first_of_its_tenth and self.trial.should_prune():
             raise Pruned(f"trial {self.trial.number} pruned after epoch {epoch} of {self.epochs}")
 
 
