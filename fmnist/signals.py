@@ -8,7 +8,9 @@ from contextlib import contextmanager
 
 class HeldSignals:
     """Ctrl-C and SIGTERM raised only inside `delivered()` blocks. Outside them a signal is held (`held`), for the
-    caller to stop at its next safe point, and raised at the next block's start or when the `with` ends.
+    caller to stop at its next safe point, and raised at the next block's start or when the `with` ends, also
+    when an error ends it: the user asked to stop, so the error becomes the interrupt's context, not its
+    replacement.
 
     Python runs signal handlers in the main thread only. A block in another thread (a search trial with
     tune.n_jobs > 1) gets the signal at its own checkpoints instead: its start and each `on_epoch_end` (this is a
@@ -30,7 +32,7 @@ class HeldSignals:
     def __exit__(self, kind, error, trace) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
-        if kind is None:
+        if kind is None or issubclass(kind, Exception):  # not over a KeyboardInterrupt or SystemExit already going
             self._raise_held()
 
     def _handle(self, signum: int, frame) -> None:
