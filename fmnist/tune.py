@@ -30,6 +30,7 @@ from fmnist.config import Config, load_config, parse_overrides
 from fmnist.errors import ConfigError, GivenUp, Pruned, SearchError
 from fmnist.pipeline import Run, Tracker, run_experiment
 from fmnist.signals import HeldSignals
+from fmnist.space import as_overrides, inside, label, suggest
 from fmnist.storages import open_storage, redacted, retry
 from fmnist.tracking import store
 
@@ -224,7 +225,7 @@ def open_study(cfg: Config, name: str, storage: optuna.storages.BaseStorage) -> 
     except optuna.exceptions.DuplicatedStudyError:
         # resumed or joined: a seed of its own, or it would replay the samples already tried
         return retry(lambda: create(cfg.tune.seed + 1 + random.randrange(10**6), load=True), where), False
-    defaults = {k: _label(v) for k, v in cfg.flat().items() if k in cfg.tune.space and _inside(v, cfg.tune.space[k])}
+    defaults = {k: label(v) for k, v in cfg.flat().items() if k in cfg.tune.space and inside(v, cfg.tune.space[k])}
     study.enqueue_trial(defaults)
     return study, True
 
@@ -268,31 +269,6 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     if name == "hyperband":  # resource: tenths of a trial's schedule
         return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=TENTHS, reduction_factor=3)
     return optuna.pruners.NopPruner()
-
-
-def suggest(trial: optuna.Trial, key: str, spec: dict):
-    if "choices" in spec:  # Optuna's choices are scalars: lists (widths) travel as their YAML text
-        return trial.suggest_categorical(key, [_label(c) for c in spec["choices"]])
-    low, high, log = spec["low"], spec["high"], bool(spec.get("log", False))
-    if all(isinstance(v, int) for v in (low, high, spec.get("step", 1))):
-        return trial.suggest_int(key, low, high, step=spec.get("step", 1), log=log)
-    return trial.suggest_float(key, float(low), float(high), step=spec.get("step"), log=log)
-
-
-def as_overrides(params: dict) -> list[str]:
-    return [f"{key}={value}" for key, value in params.items()]
-
-
-def _label(value):
-    if isinstance(value, (list, tuple)):
-        return yaml.safe_dump(list(value), default_flow_style=True).strip()
-    return value
-
-
-def _inside(value, spec: dict) -> bool:
-    if "choices" in spec:
-        return _label(value) in [_label(c) for c in spec["choices"]]
-    return isinstance(value, (int, float)) and spec["low"] <= value <= spec["high"]
 
 
 def _best(study: optuna.Study) -> dict | None:

@@ -170,10 +170,10 @@ def test_every_shipped_search_space_is_valid_and_its_defaults_lie_inside():
     for arch in ("ann", "cnn", "transfer"):
         cfg = load_config(arch)
         assert cfg.tune.space, arch
-        from fmnist.tune import _inside
+        from fmnist.space import inside
 
         flat = cfg.flat()
-        assert all(_inside(flat[key], spec) for key, spec in cfg.tune.space.items()), arch
+        assert all(inside(flat[key], spec) for key, spec in cfg.tune.space.items()), arch
 
 
 def test_tune_refuses_bad_options_before_any_study(tiny_data, tmp_path, capsys):
