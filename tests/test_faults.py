@@ -193,14 +193,15 @@ def test_a_signal_while_the_record_is_sent_ends_the_run_killed_and_keeps_the_res
     assert run.info.status == "FINISHED" and client.search_model_versions(f"run_id = '{run.info.run_id}'")
 
 
-class CtrlCBeforeReply:
-    """A TCP relay to the tracking server that, once the server has answered a request to create a run, sends
-    Ctrl-C to the main thread (waiting for that answer) and only then passes the answer on."""
+class RelayAtRunCreation:
+    """A TCP relay to the tracking server. Once the server has answered a request to create a run, it either
+    sends Ctrl-C to this process's main thread (waiting for that answer) and then passes the answer on, or, with
+    `hang=True`, holds the answer back for good: a server that hangs mid-request (`created` is set then)."""
 
-    def __init__(self, server_port: int):
+    def __init__(self, server_port: int, hang: bool = False):
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.uri = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
-        self.creating = threading.Event()
+        self.hang, self.creating, self.created = hang, threading.Event(), threading.Event()
         self.main = threading.main_thread().ident
         threading.Thread(target=self._accept, args=(server_port,), daemon=True).start()
 
@@ -221,9 +222,38 @@ class CtrlCBeforeReply:
                     self.creating.set()
                 elif not request and self.creating.is_set():  # the run exists on the server now
                     self.creating.clear()
+                    self.created.set()
+                    if self.hang:
+                        time.sleep(3600)
                     signal.pthread_kill(self.main, signal.SIGINT)
                     time.sleep(0.5)
                 sink.sendall(chunk)
+
+
+def test_a_second_ctrl_c_stops_a_run_held_up_by_a_hung_server_at_once_and_doctor_ends_it(own_server, tiny_data):
+    """The first Ctrl-C waits for the request that creates the run (else a run would exist that this process could
+    not name); when the server hangs there, a second one stops the process at once, and the run it left RUNNING
+    is ended FAILED by `fmnist doctor` like any run whose process died."""
+    _, port, _ = own_server
+    relay = RelayAtRunCreation(port, hang=True)
+    try:
+        proc = train(tiny_data, "hung-at-creation", env={**os.environ, "MLFLOW_TRACKING_URI": relay.uri})
+        assert relay.created.wait(60), "the run was never created"
+        proc.send_signal(signal.SIGINT)
+        time.sleep(2)
+        assert proc.poll() is None  # held: the answer may still come
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=10)
+    finally:
+        relay.listener.close()
+    assert proc.returncode == 130 and "Ctrl-C again stops at once" in stderr and "Traceback" not in stderr, stderr
+    client = MlflowClient(f"http://127.0.0.1:{port}")
+    run = only_run(client, "hung-at-creation")
+    assert run.info.status == "RUNNING"
+    doctor = subprocess.run([sys.executable, "-m", "fmnist", "doctor", "--experiment", "hung-at-creation"],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"})
+    assert f"ended run {run.info.run_id} FAILED" in doctor.stdout, doctor.stderr[-2000:]
 
 
 def test_ctrl_c_while_a_run_is_being_created_ends_that_run_killed(own_server, monkeypatch):
@@ -232,7 +262,7 @@ def test_ctrl_c_while_a_run_is_being_created_ends_that_run_killed(own_server, mo
     _, port, _ = own_server
     tracker = MLflowTracker("created-under-ctrl-c")
     store.experiment_id("created-under-ctrl-c")
-    relay = CtrlCBeforeReply(port)
+    relay = RelayAtRunCreation(port)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", relay.uri)
     try:
         with pytest.raises(KeyboardInterrupt):

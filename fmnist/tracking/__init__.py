@@ -78,7 +78,8 @@ class MLflowTracker:
     def _open(self, client: mlflow.MlflowClient, run_id: str | None, experiment_id: str | None, name: str | None,
               parent: str | None, tags: dict[str, str] | None) -> str:
         """Mark run `run_id` RUNNING again, or create a new run in `experiment_id` (nested under `parent`); returns
-        its id. Only these requests hold a signal back (MLflow's HTTP timeout and retries bound the wait)."""
+        its id. Only these requests hold a signal back (MLflow's HTTP timeout and retries bound the wait; a second
+        Ctrl-C does not wait)."""
         liveness = store.liveness_tags(self.heartbeat)
         if run_id:
             client.update_run(run_id, status="RUNNING")
