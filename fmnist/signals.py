@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 
 class HeldSignals:
@@ -44,7 +44,8 @@ class HeldSignals:
         if self.open:
             self._raise_held()
         elif signum == signal.SIGINT:  # os.write: print() here could re-enter a write the main thread is in
-            os.write(2, b"fmnist: Ctrl-C: stopping at the next safe point (Ctrl-C again stops at once)\n")
+            with suppress(OSError):  # stderr closed or a broken pipe: the note is not worth an error
+                os.write(2, b"fmnist: Ctrl-C: stopping at the next safe point (Ctrl-C again stops at once)\n")
 
     def _raise_held(self) -> None:
         if self.held is not None:

@@ -199,6 +199,8 @@ class PruneOnEpoch:
         first_of_its_tenth = step != self.step  # over 10 epochs, some share a tenth: the first reports it
         try:
             with self.writing():
+                # Every epoch, not only at reports: the write is also what finds a trial another worker has failed
+                # (an endless or long schedule may not report again for many epochs)
                 self.trial.set_user_attr("epochs_run", epoch)
                 if first_of_its_tenth:
                     self.trial.report(metrics["val_accuracy"], step)

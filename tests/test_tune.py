@@ -329,31 +329,6 @@ def test_ctrl_c_during_a_trials_report_is_delivered_after_the_write(tmp_path):
     assert written == [5]  # the write finished; the interrupt came after it
 
 
-def test_a_held_ctrl_c_is_raised_when_an_error_ends_the_block():
-    """A Ctrl-C held through a write that then fails is not lost: the program stops as interrupted (KILLED runs,
-    exit 130), with the error as the interrupt's context."""
-    with pytest.raises(KeyboardInterrupt) as stopped:
-        with HeldSignals():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)  # the handler runs here and holds the signal
-            raise ConnectionError("the server went away")
-    assert isinstance(stopped.value.__context__, ConnectionError)
-
-
-def test_a_second_ctrl_c_while_one_is_held_stops_at_once():
-    """A hold can last long (a hung server, a trial's epoch in a thread): the second Ctrl-C does not wait."""
-    reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with HeldSignals():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)
-            reached.append("after the first")
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.1)
-            reached.append("after the second")
-    assert reached == ["after the first"]
-
-
 class FailedByAnotherWorkerAtTheLastEpoch(optuna.pruners.NopPruner):
     """Another worker fails trial 0 (as after a stop past the grace period) right after its last epoch's report."""
 
