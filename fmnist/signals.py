@@ -18,7 +18,10 @@ class HeldSignals:
     tune.n_jobs > 1) gets the signal at its own checkpoints instead: its start and each `on_epoch_end` (this is a
     training callback) raise it there, and it stays held so that every such thread stops."""
 
-    def __init__(self):
+    AGAIN = "stopping at the next safe point (Ctrl-C again stops at once)"
+
+    def __init__(self, note: str = AGAIN):
+        self.note = f"fmnist: Ctrl-C: {note}\n".encode()  # what the first Ctrl-C prints where it is held
         self.held: int | None = None
         self.open = False
         self.previous: dict[int, object] = {}
@@ -45,7 +48,7 @@ class HeldSignals:
             self._raise_held()
         elif signum == signal.SIGINT:  # os.write: print() here could re-enter a write the main thread is in
             with suppress(OSError):  # stderr closed or a broken pipe: the note is not worth an error
-                os.write(2, b"fmnist: Ctrl-C: stopping at the next safe point (Ctrl-C again stops at once)\n")
+                os.write(2, self.note)
 
     def _raise_held(self) -> None:
         if self.held is not None:

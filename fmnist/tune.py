@@ -100,7 +100,8 @@ def optimize(study: optuna.Study, objective, cfg: Config) -> None:
     raises for it; the search then goes on."""
     deadline = time.monotonic() + cfg.tune.timeout if cfg.tune.timeout else math.inf
     given_up: list[int] = []
-    with HeldSignals() as signals:
+    threads = cfg.tune.n_jobs > 1  # the main thread only waits for them: a second Ctrl-C stops nothing sooner
+    with HeldSignals("stopping each running trial at its epoch's end" if threads else HeldSignals.AGAIN) as signals:
         def deliverable(trial: optuna.Trial) -> float:
             try:
                 with signals.delivered():

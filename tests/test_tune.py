@@ -147,7 +147,7 @@ def test_ctrl_c_while_optuna_records_a_trial_ends_the_search_after_it(tmp_path):
     assert [t.state for t in study.trials] == [TrialState.COMPLETE]  # recorded whole, and no second trial begun
 
 
-def test_ctrl_c_stops_parallel_trials_at_their_next_epoch(tmp_path):
+def test_ctrl_c_stops_parallel_trials_at_their_next_epoch(tmp_path, capfd):
     # tune.n_jobs=2: the trials run in worker threads, where Python delivers no signal
     study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path / 'optuna.db'}", heartbeat=60),
                                 study_name="s")
@@ -168,6 +168,8 @@ def test_ctrl_c_stops_parallel_trials_at_their_next_epoch(tmp_path):
         ctrl_c.cancel()  # should optimize return early, no Ctrl-C may reach the rest of the session
     assert time.monotonic() - start < 5  # not after the running trials' last epochs
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    # a second Ctrl-C would stop nothing sooner (the main thread waits for the trials' threads): no promise of it
+    assert "fmnist: Ctrl-C: stopping each running trial at its epoch's end\n" in capfd.readouterr().err
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
