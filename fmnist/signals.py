@@ -18,9 +18,9 @@ class HeldSignals:
     tune.n_jobs > 1) gets the signal at its own checkpoints instead: its start and each `on_epoch_end` (this is a
     training callback) raise it there, and it stays held so that every such thread stops."""
 
-    AGAIN = "stopping at the next safe point (Ctrl-C again stops at once)"
+    NOTE = "stopping at the next safe point (Ctrl-C again stops at once)"
 
-    def __init__(self, note: str = AGAIN):
+    def __init__(self, note: str = NOTE):
         self.note = f"fmnist: Ctrl-C: {note}\n".encode()  # what the first Ctrl-C prints where it is held
         self.held: int | None = None
         self.open = False

@@ -101,7 +101,7 @@ def optimize(study: optuna.Study, objective, cfg: Config) -> None:
     deadline = time.monotonic() + cfg.tune.timeout if cfg.tune.timeout else math.inf
     given_up: list[int] = []
     threads = cfg.tune.n_jobs > 1  # the main thread only waits for them: a second Ctrl-C stops nothing sooner
-    with HeldSignals("stopping each running trial at its epoch's end" if threads else HeldSignals.AGAIN) as signals:
+    with HeldSignals("stopping each running trial at its epoch's end" if threads else HeldSignals.NOTE) as signals:
         def deliverable(trial: optuna.Trial) -> float:
             try:
                 with signals.delivered():
