@@ -50,7 +50,8 @@ def run_search(arch: str, trials: int, pruner: str, workers: int, storage: str |
         wall = time.perf_counter() - start
         done = optuna.load_study(study_name=study, storage=storage).trials
     finished = [t for t in done if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    base_epochs = load_config(arch, overrides=[x for x in extra if "=" in x]).train.epochs  # train.epochs=N given
+    given = [x for x in extra if "=" in x and not x.startswith("-")]  # section.key=value, not --flag=value
+    base_epochs = load_config(arch, overrides=given).train.epochs  # train.epochs=N fixes the epochs of every trial
     epochs_run = sum(t.user_attrs.get("epochs_run", len(t.intermediate_values)) for t in finished)
     epochs_full = sum(int(t.params.get("train.epochs", base_epochs)) for t in finished)
     search_seconds = (max(t.datetime_complete for t in finished) - min(t.datetime_start for t in finished)).total_seconds()
