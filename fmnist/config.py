@@ -45,7 +45,7 @@ class TrainConfig:
     epochs: int = REQUIRED  # passes over the training split
     batch_size: int = REQUIRED  # images per optimizer step
     lr: float = REQUIRED  # peak learning rate of the schedule
-    optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum 0.9)
+    optimizer: str = "adamw"  # adamw | sgd (Nesterov momentum 0.9) | muon (hidden weights; NAdamW on the rest)
     weight_decay: float = 0.05  # AdamW's decoupled weight decay; SGD's L2 penalty (there ~5e-4 is usual)
     label_smoothing: float = 0.1  # cross-entropy target smoothing, in [0, 1)
     schedule: str = "onecycle"  # onecycle | cosine
@@ -186,7 +186,7 @@ def validate(cfg: Config, path: Path) -> None:
         (t.seed >= 0, "train.seed", "an integer >= 0", t.seed),
         (t.threads >= 0, "train.threads", "an integer >= 0 (0 = all cores)", t.threads),
         (t.schedule in ("onecycle", "cosine"), "train.schedule", "onecycle or cosine", t.schedule),
-        (t.optimizer in ("adamw", "sgd"), "train.optimizer", "adamw or sgd", t.optimizer),
+        (t.optimizer in ("adamw", "sgd", "muon"), "train.optimizer", "adamw, sgd or muon", t.optimizer),
         (t.precision in ("auto", "bf16", "fp32"), "train.precision", "auto, bf16 or fp32", t.precision),
         (0 < d.val_fraction < 1, "data.val_fraction", "a share in (0, 1)", d.val_fraction),
         (d.data_dir is None or Path(d.data_dir).is_dir(), "data.data_dir", "an existing directory", d.data_dir),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+import timm.optim
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -99,13 +100,29 @@ def erase(x: torch.Tensor, generator: torch.Generator, p: float, scale=(0.02, 0.
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW (or SGD with Nesterov momentum) over the trainable parameters. The fused kernel updates them all in
-    one pass: the MLP's training step took 11.9 ms instead of 16.9 ms with the default implementation here."""
+    """AdamW, SGD with Nesterov momentum, or Muon over the trainable parameters. AdamW and SGD use the fused
+    kernel, one pass over them all: the MLP's training step took 11.9 ms instead of 16.9 ms with the default."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay,
                                fused=True)
+    if cfg.optimizer == "muon":
+        return make_muon(params, cfg)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+
+
+def make_muon(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """timm's Muon (Nesterov momentum orthogonalised by Newton-Schulz; a convolution's weight taken as its
+    out x in*kh*kw matrix) on the hidden layers' weights, in one optimizer with its NAdamW fallback on the rest:
+    as Muon's authors advise, the first layer (whose input is pixels), the classifier, biases and batch norm stay
+    with an Adam. Muon's step is rescaled to AdamW's update size ("match_rms_adamw"), so train.lr and
+    train.weight_decay keep their meaning; one-cycle cycles only the fallback's beta1, Muon's momentum stays 0.95."""
+    matrices = [p for p in params if p.ndim >= 2]
+    hidden = {id(p) for p in matrices[1:-1]}
+    return timm.optim.Muon([{"params": [p for p in params if id(p) in hidden]},
+                            {"params": [p for p in params if id(p) not in hidden], "use_fallback": True}],
+                           lr=cfg.lr, weight_decay=cfg.weight_decay, nesterov=True, ns_coefficients="original",
+                           adjust_lr_fn="match_rms_adamw", betas=(0.9, 0.999))
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):

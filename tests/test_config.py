@@ -36,7 +36,7 @@ def test_list_values_become_tuples():
     ("train.epochs=many", "train.epochs='many': expected int"),
     ("data.data_dir=/does/not/exist", "data.data_dir='/does/not/exist': expected an existing directory"),
     ("train.schedule=step", "train.schedule='step': expected onecycle or cosine"),
-    ("train.optimizer=adam", "train.optimizer='adam': expected adamw or sgd"),
+    ("train.optimizer=adam", "train.optimizer='adam': expected adamw, sgd or muon"),
     ("train.epocs=3", "unknown option 'train.epocs'"),
     ("model.depth=3", "unknown option 'model.depth' for cnn; expected one of model.widths"),
     ("model.widths=3", "model.widths=3: expected a non-empty list"),

@@ -93,7 +93,8 @@ def test_fit_learns_tiny_data_and_restores_the_best_epoch(tiny_data):
     assert validate(model, data.x_val, data.y_val, rt)["accuracy"] == history.best_val_accuracy
 
 
-@pytest.mark.parametrize("optimizer,lr,weight_decay", [("adamw", 3e-3, 0.05), ("sgd", 0.05, 5e-4)])
+@pytest.mark.parametrize("optimizer,lr,weight_decay", [("adamw", 3e-3, 0.05), ("sgd", 0.05, 5e-4),
+                                                              ("muon", 3e-3, 0.05)])
 def test_each_optimizer_learns_tiny_data(tiny_data, optimizer, lr, weight_decay):
     data = fdata.load(tiny_data, 0.2, seed=0)
     cfg = small_cfg(epochs=3, batch_size=32, lr=lr, weight_decay=weight_decay, optimizer=optimizer)
@@ -101,6 +102,15 @@ def test_each_optimizer_learns_tiny_data(tiny_data, optimizer, lr, weight_decay)
     history = train(model, data, cfg)
     assert history.best_val_accuracy > 0.5  # chance is 0.1
     assert type(make_optimizer(model, cfg)).__name__.lower() == optimizer
+
+
+def test_muon_takes_the_hidden_weights_and_leaves_the_first_layer_and_classifier_to_its_adam():
+    model = build_model("cnn", widths=(8, 16, 32), convs_per_block=1)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    opt = make_optimizer(model, small_cfg(optimizer="muon"))
+    muon, fallback = opt.param_groups
+    assert [p.shape for p in muon["params"]] == [convs[1].weight.shape, convs[2].weight.shape]
+    assert fallback["use_fallback"] and len(fallback["params"]) == len(list(model.parameters())) - 2
 
 
 def test_early_stopping_stops_after_patience(tiny_data):
