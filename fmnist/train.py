@@ -1,4 +1,5 @@
-"""One training loop for every architecture: batches sliced from in-memory tensors, AdamW, one-cycle or cosine.
+"""One training loop for every architecture: batches sliced from in-memory tensors, AdamW (or SGD, or Muon),
+one-cycle or cosine.
 
 `fit(model, data, cfg, runtime, callbacks)` knows nothing of MLflow: it reports each epoch's numbers to callbacks.
 The pieces it is made of (`train_step`, `train_epoch`, `validate`, `BestWeights`) are what benchmarks call too.
@@ -11,8 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import torch
 import timm.optim
+import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
