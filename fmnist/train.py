@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import timm.optim
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -115,9 +114,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
 def make_muon(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """timm's Muon (Nesterov momentum orthogonalised by Newton-Schulz; a convolution's weight taken as its
     out x in*kh*kw matrix) on the hidden layers' weights, in one optimizer with its NAdamW fallback on the rest:
-    as Muon's authors advise, the first layer (whose input is pixels), the classifier, biases and batch norm stay
-    with an Adam. Muon's step is rescaled to AdamW's update size ("match_rms_adamw"), so train.lr and
-    train.weight_decay keep their meaning; one-cycle cycles only the fallback's beta1, Muon's momentum stays 0.95."""
+    as Muon's authors advise, the first trained layer (in the CNN and MLP, the one that reads pixels), the
+    classifier, biases and batch norm stay with an Adam, and timm's own shape check sends any other unsuited
+    matrix (a depthwise convolution's) there too. Muon's step is rescaled to AdamW's update size
+    ("match_rms_adamw"), so train.lr and train.weight_decay keep their meaning; one-cycle cycles only the
+    fallback's beta1, Muon's momentum stays 0.95."""
+    import timm.optim  # here, as in fmnist.models.backbones: importing timm costs every process about 1.3 s
+
     matrices = [p for p in params if p.ndim >= 2]
     hidden = {id(p) for p in matrices[1:-1]}
     return timm.optim.Muon([{"params": [p for p in params if id(p) in hidden]},
