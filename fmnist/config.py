@@ -60,6 +60,11 @@ class TrainConfig:
     # same thread count: it changes the order of bf16 sums (cnn-long, seed 0: 0.9455 on 1 thread, 0.9444 on 2).
     threads: int = 0
     eval_batch_size: int = 1024  # images per forward pass when evaluating
+    # Distillation (ann, cnn): a trained network whose class probabilities on the training images join the labels
+    # as the target: an MLflow model URI (models:/fmnist-cnn@champion, runs:/<run id>/model) or a logged model's
+    # folder or its network.pt2 file. "": the labels alone.
+    teacher: str = ""
+    distill: float = 0.5  # with a teacher: its probabilities' share of the target, the label's being the rest
 
 
 @dataclass
@@ -188,6 +193,12 @@ def validate(cfg: Config, path: Path) -> None:
         (t.schedule in ("onecycle", "cosine"), "train.schedule", "onecycle or cosine", t.schedule),
         (t.optimizer in ("adamw", "sgd", "muon"), "train.optimizer", "adamw, sgd or muon", t.optimizer),
         (t.precision in ("auto", "bf16", "fp32"), "train.precision", "auto, bf16 or fp32", t.precision),
+        (0 <= t.distill <= 1, "train.distill", "a share in [0, 1]", t.distill),
+        (not t.teacher or is_uri(t.teacher) or Path(t.teacher).exists(), "train.teacher",
+         "an MLflow model URI (models:/fmnist-cnn@champion, runs:/<run id>/model) or an existing model folder or "
+         "network.pt2 file", t.teacher),
+        (not t.teacher or cfg.model.arch != "transfer", "train.teacher", "none for transfer, which trains on "
+         "cached activations (distillation is for ann and cnn)", t.teacher),
         (0 < d.val_fraction < 1, "data.val_fraction", "a share in (0, 1)", d.val_fraction),
         (d.data_dir is None or Path(d.data_dir).is_dir(), "data.data_dir", "an existing directory", d.data_dir),
         (k.heartbeat >= 1, "tracking.heartbeat", "seconds >= 1", k.heartbeat),
@@ -203,6 +214,11 @@ def validate(cfg: Config, path: Path) -> None:
         if not ok:
             raise ConfigError(f"{key}={value!r}: expected {expected}")
     check_device(t.device)
+
+
+def is_uri(text: str) -> bool:
+    """An MLflow model URI (models:/..., runs:/..., s3://...) rather than a local path."""
+    return re.match(r"[a-z][a-z0-9+.-]+:/", text) is not None
 
 
 def check_device(name: str) -> None:

@@ -43,6 +43,7 @@ class Dataset:
     source: str  # the directory the files were read from
     digest: str  # sha256 of the decoded images and labels, short form
     classes: tuple[str, ...] = CLASSES
+    teacher_train: torch.Tensor | None = None  # float (N, 10): a teacher's class probabilities for x_train
 
 
 def cache_dir() -> Path:

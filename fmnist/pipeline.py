@@ -7,6 +7,7 @@ The test metrics are those of the program the run logs as its model, computed by
 """
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 from contextlib import AbstractContextManager, contextmanager
@@ -18,9 +19,9 @@ import numpy as np
 import torch
 
 from fmnist import data as fdata
-from fmnist.config import Config
+from fmnist.config import Config, is_uri
 from fmnist.data import Dataset
-from fmnist.errors import Pruned
+from fmnist.errors import ConfigError, Pruned, one_line
 from fmnist.evaluate import write_evaluation
 from fmnist.features import Prepared, prepare
 from fmnist.models import build_model
@@ -139,6 +140,7 @@ def run_experiment(cfg: Config, tracker: Tracker, data: Dataset | None = None, p
     """Train one configuration as one run (nested under `parent`); a `trial` stops after validation."""
     data = data or fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)
     model, rt = build(cfg)  # before the run starts: a bad dataset or option leaves no run behind
+    data = with_teacher(data, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{cfg.model.arch}: {n_params:,} parameters ({n_trained:,} trained) on {rt.describe()}; data "
@@ -176,6 +178,28 @@ def run_experiment(cfg: Config, tracker: Tracker, data: Dataset | None = None, p
         run.describe(line)
         print(f"{line}; run {run.id}", flush=True)
         return Outcome(run.id, history, summary | metrics)
+
+
+def with_teacher(data: Dataset, cfg: Config) -> Dataset:
+    """With train.teacher: the data plus the teacher's class probabilities for each training image, from its
+    saved program run as its model serves it."""
+    spec = cfg.train.teacher
+    if not spec:
+        return data
+    if is_uri(spec) or Path(spec).is_dir():
+        from fmnist.tracking.pyfunc import load_teacher  # a logged model is MLflow's to read
+
+        teacher = load_teacher(spec)
+    else:
+        try:
+            teacher = Classifier.load(spec)
+        except Exception as e:  # torch.export.load's errors have no common type
+            raise ConfigError(f"train.teacher={spec}: not a saved fmnist network ({one_line(e)})") from None
+    probabilities = torch.from_numpy(teacher.probabilities(data.x_train.numpy()))
+    if probabilities.shape[1] != len(data.classes):
+        raise ConfigError(f"train.teacher={spec}: answers {probabilities.shape[1]} classes; expected "
+                          f"{len(data.classes)}")
+    return dataclasses.replace(data, teacher_train=probabilities)
 
 
 def evaluate_model(model: torch.nn.Module, prepared: Prepared, data: Dataset, rt: Runtime, cfg: Config,

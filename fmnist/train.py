@@ -140,12 +140,13 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: in
                                    milestones=[warmup])
 
 
-def train_step(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, opt: torch.optim.Optimizer,
+def train_step(model: nn.Module, xb: torch.Tensor, target: torch.Tensor, opt: torch.optim.Optimizer,
                scaler: torch.amp.GradScaler, rt: Runtime, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimizer step on one batch; returns (the loss, the logits), both still on the device."""
+    """One optimizer step on one batch; returns (the loss, the logits), both still on the device. `target`: class
+    indices, or class probabilities (distillation); label smoothing applies to either."""
     with rt.autocast_ctx():
         logits = model(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=label_smoothing)
+        loss = F.cross_entropy(logits.float(), target, label_smoothing=label_smoothing)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(opt)
@@ -169,6 +170,12 @@ def training_batch(x: torch.Tensor, idx: torch.Tensor, cfg: TrainConfig, generat
     return xb
 
 
+def distill_target(labels: torch.Tensor, teacher: torch.Tensor, share: float) -> torch.Tensor:
+    """The label and the teacher's probabilities as one target distribution. At temperature 1, Hinton et al.'s
+    (1 - share) * CE(label) + share * KL(teacher || student) has the gradient of the cross-entropy with this."""
+    return torch.lerp(F.one_hot(labels, teacher.shape[1]).to(teacher.dtype), teacher, share)
+
+
 def train_epoch(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, opt, scheduler, scaler,
                 generator: torch.Generator, epoch: int) -> dict[str, float]:
     """One pass over the shuffled training split in whole batches."""
@@ -182,7 +189,8 @@ def train_epoch(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, 
     for step in bar:
         idx = order[step * batch:(step + 1) * batch]
         xb, yb = training_batch(x, idx, cfg, generator), y[idx]
-        loss, logits = train_step(model, xb, yb, opt, scaler, rt, cfg.label_smoothing)
+        target = yb if data.teacher_train is None else distill_target(yb, data.teacher_train[idx], cfg.distill)
+        loss, logits = train_step(model, xb, target, opt, scaler, rt, cfg.label_smoothing)
         scheduler.step()
         loss_sum += loss * len(yb)
         correct += (logits.argmax(1) == yb).sum()
@@ -221,7 +229,9 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, callback
     """Train on data.x_train, select the epoch with the best validation accuracy and restore its weights."""
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation, on the CPU
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-    data = dataclasses.replace(data, x_train=data.x_train.to(rt.device), y_train=data.y_train.to(rt.device))
+    teacher = None if data.teacher_train is None else data.teacher_train.to(rt.device)
+    data = dataclasses.replace(data, x_train=data.x_train.to(rt.device), y_train=data.y_train.to(rt.device),
+                               teacher_train=teacher)
     opt = make_optimizer(model, cfg)
     scheduler = make_scheduler(opt, cfg, cfg.epochs * epoch_steps(len(data.y_train), cfg.batch_size)[1])
     scaler = torch.amp.GradScaler(enabled=rt.autocast is torch.float16)

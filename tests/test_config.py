@@ -52,6 +52,9 @@ def test_list_values_become_tuples():
     ("model.convs_per_block=0", "model.convs_per_block=0: expected 1 to 4"),
     ("train.device=cudaX", "train.device='cudaX': expected auto, cpu, cuda or cuda:N"),
     ("tracking.heartbeat=0", "tracking.heartbeat=0.0: expected seconds >= 1"),
+    ("train.distill=1.5", "train.distill=1.5: expected a share in [0, 1]"),
+    ("train.teacher=/no/such/network.pt2", "train.teacher='/no/such/network.pt2': expected an MLflow model URI "
+                                           "(models:/fmnist-cnn@champion, runs:/<run id>/model) or an existing"),
 ])
 def test_invalid_values_are_refused_with_the_option_named(override, message):
     with pytest.raises(ConfigError) as e:
@@ -72,6 +75,12 @@ def test_ann_widths_and_transfer_values_are_range_checked_by_their_builders():
         load_config("ann", overrides=["model.widths=[0]"])
     with pytest.raises(ConfigError, match="model.unfrozen_blocks=30: efficientnet_lite0 has 18 stages"):
         load_config("transfer", overrides=["model.unfrozen_blocks=30"])  # checked on the meta device: no weights
+
+
+def test_a_teacher_is_for_ann_and_cnn_only():
+    with pytest.raises(ConfigError, match="train.teacher='models:/fmnist-cnn@champion': expected none for transfer"):
+        load_config("transfer", overrides=["train.teacher=models:/fmnist-cnn@champion"])
+    assert load_config("ann", overrides=["train.teacher=models:/fmnist-cnn@champion"]).train.distill == 0.5
 
 
 def test_an_empty_override_means_not_given():

@@ -6,8 +6,8 @@ import torch
 
 from fmnist import data as fdata
 from fmnist.config import load_config
-from fmnist.errors import Diverged
-from fmnist.pipeline import NullTracker, run_experiment
+from fmnist.errors import ConfigError, Diverged
+from fmnist.pipeline import NullTracker, run_experiment, with_teacher
 from fmnist.predict import Classifier
 from fmnist.errors import Pruned
 
@@ -110,3 +110,25 @@ def test_same_seed_gives_the_same_run_whatever_the_global_random_state(tiny_data
     other = NullTracker()
     run_experiment(config("cnn", tiny_data, "train.augment=true", "train.seed=1"), other)
     assert other.runs[0].metrics["val_loss"] != metrics[0]["val_loss"]
+
+
+def test_an_ann_distils_from_a_saved_cnn_and_a_bad_teacher_leaves_no_run(tiny_data, tmp_path):
+    teacher_tracker = NullTracker(tmp_path / "teacher")
+    run_experiment(config("cnn", tiny_data), teacher_tracker)
+    network = teacher_tracker.runs[0].model
+    tracker = NullTracker(tmp_path / "student")
+    outcome = run_experiment(config("ann", tiny_data, f"train.teacher={network}", "train.distill=0.7"), tracker)
+    [run] = tracker.runs
+    assert run.status == "FINISHED" and run.params["train.teacher"] == str(network)
+    assert run.params["train.distill"] == 0.7 and outcome.metrics["test_accuracy"] > 0.3  # chance is 0.1
+
+    cfg = config("ann", tiny_data, f"train.teacher={network}")
+    data = with_teacher(fdata.load(tiny_data, 0.1, seed=0), cfg)
+    served = Classifier.load(network).probabilities(fdata.load(tiny_data, 0.1, seed=0).x_train.numpy())
+    assert torch.equal(data.teacher_train, torch.from_numpy(served))  # the teacher as its model serves it
+
+    not_a_network = tmp_path / "notes.pt2"
+    not_a_network.write_text("not a program")
+    with pytest.raises(ConfigError, match=f"train.teacher={not_a_network}: not a saved fmnist network"):
+        run_experiment(config("ann", tiny_data, f"train.teacher={not_a_network}"), tracker)
+    assert len(tracker.runs) == 1  # refused before a run began

@@ -15,6 +15,7 @@ from conftest import synthetic
 from fmnist import data as fdata
 from fmnist.config import load_config
 from fmnist.data import CLASSES
+from fmnist.errors import ConfigError
 from fmnist.pipeline import run_experiment
 from fmnist.tracking import MLflowTracker
 from fmnist.tracking.registry import register_model
@@ -92,3 +93,17 @@ def test_every_registered_model_rescores_the_test_set_to_its_runs_accuracy(track
         model = mlflow.pyfunc.load_model(f"models:/fmnist-{arch}/{version.version}")
         table = model.predict(data.x_test.numpy())
         assert (table["class"] == [CLASSES[k] for k in data.y_test]).mean() == run.data.metrics["test_accuracy"], arch
+
+
+def test_an_ann_distils_from_the_registered_cnn_and_a_missing_teacher_leaves_no_run(tracking_env, tiny_data):
+    train("cnn", tiny_data, "distil", "train.epochs=2", "model.widths=[8,16]", "model.convs_per_block=1")
+    teacher = "models:/fmnist-cnn@champion"
+    run = MlflowClient().get_run(train("ann", tiny_data, "distil", "train.epochs=2", "model.widths=[16]",
+                                       f"train.teacher={teacher}"))
+    assert run.info.status == "FINISHED" and run.data.params["train.teacher"] == teacher
+    assert run.data.metrics["test_accuracy"] > 0.3  # chance is 0.1
+    experiment = run.info.experiment_id
+    before = len(MlflowClient().search_runs([experiment]))
+    with pytest.raises(ConfigError, match="train.teacher=models:/fmnist-nope@champion: cannot load an fmnist model"):
+        train("ann", tiny_data, "distil", "train.teacher=models:/fmnist-nope@champion")
+    assert len(MlflowClient().search_runs([experiment])) == before

@@ -1,11 +1,15 @@
+import dataclasses
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fmnist import data as fdata
 from fmnist.config import TrainConfig
 from fmnist.errors import Diverged
 from fmnist.models import build_model
-from fmnist.train import augment, erase, fit, make_optimizer, make_scheduler, resolve_runtime, validate
+from fmnist.train import (augment, distill_target, erase, fit, make_optimizer, make_scheduler, resolve_runtime,
+                          validate)
 
 
 def small_cfg(**kw) -> TrainConfig:
@@ -147,3 +151,34 @@ def test_runtime_uses_bf16_only_where_asked_or_native():
     rt = resolve_runtime(TrainConfig(precision="bf16", device="cpu"), model)
     assert rt.autocast is torch.bfloat16 and rt.channels_last
     assert not resolve_runtime(TrainConfig(precision="bf16", device="cpu"), build_model("ann")).channels_last
+
+
+def test_the_distillation_target_mixes_label_and_teacher_and_has_hintons_gradient():
+    # Label 2, a teacher 0.7 sure of class 5 (0.3 / 9 elsewhere), share 0.5: class 2 gets 0.5 + 0.5 * 0.3 / 9,
+    # class 5 0.35, every other class 0.5 * 0.3 / 9.
+    teacher = torch.full((1, 10), 0.3 / 9)
+    teacher[0, 5] = 0.7
+    target = distill_target(torch.tensor([2]), teacher, 0.5)
+    rest = 0.5 * 0.3 / 9
+    assert target[0].tolist() == pytest.approx([rest, rest, 0.5 + rest, rest, rest, 0.35, rest, rest, rest, rest])
+    # At temperature 1 the cross-entropy with the mix has the gradient of (1 - a) CE(label) + a KL(teacher || p).
+    logits = torch.randn(1, 10, requires_grad=True)
+    F.cross_entropy(logits, target).backward()
+    mixed = logits.grad.clone()
+    logits.grad = None
+    hinton = 0.5 * F.cross_entropy(logits, torch.tensor([2])) + 0.5 * F.kl_div(
+        F.log_softmax(logits, 1), teacher, reduction="batchmean")
+    hinton.backward()
+    assert torch.allclose(mixed, logits.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("share,follows_teacher", [(1.0, True), (0.0, False)])
+def test_a_student_follows_its_teacher_as_far_as_its_share(tiny_data, share, follows_teacher):
+    # A teacher sure that every image is class 3, and validation scored against "3" too: with the whole share the
+    # student learns to say 3, with none it learns the labels (the tiny set's 10 classes come in equal numbers).
+    data = fdata.load(tiny_data, 0.2, seed=0)
+    threes = torch.full_like(data.y_train, 3)
+    data = dataclasses.replace(data, teacher_train=F.one_hot(threes, 10).float(), y_val=torch.full_like(data.y_val, 3))
+    history = train(build_model("ann", widths=(32,)), data, small_cfg(epochs=8, distill=share))
+    says_three = history.best_val_accuracy
+    assert says_three > 0.9 if follows_teacher else says_three < 0.3

@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from fmnist.errors import ConfigError, InputError
+from fmnist.errors import ConfigError, InputError, one_line
 from fmnist.predict import Classifier
 
 MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -93,3 +93,14 @@ def load_classifier(model_uri: str):
     except (MlflowException, OSError) as e:
         raise ConfigError(f"--model {model_uri}: cannot load it from {mlflow.get_tracking_uri()} "
                           f"({getattr(e, 'message', e)})") from None
+
+
+def load_teacher(model_uri: str) -> Classifier:
+    """train.teacher: the network inside a logged or registered model (or a saved model's folder), run as the model
+    serves it."""
+    try:
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().classifier
+    except (MlflowException, OSError, AttributeError) as e:
+        raise ConfigError(f"train.teacher={model_uri}: cannot load an fmnist model from it with the tracking store "
+                          f"{mlflow.get_tracking_uri()} ({one_line(e)})") from None
+
