@@ -38,8 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--arch", required=True, help="architecture: ann, cnn or transfer (an unknown name lists the "
                                                       "registered ones)")
         p.add_argument("--config", help="experiment file (default: experiments/<arch>.yaml)")
-        p.add_argument("--budget", default="", help="a named budget: 'long' reads experiments/<arch>-long.yaml (more "
-                                                    "epochs, larger batches: for more time or a GPU)")
+        p.add_argument("--budget", default="", help="a named variant: NAME reads experiments/<arch>-NAME.yaml; 'long' "
+                                                    "(cnn, transfer) is for more time or a GPU, 'distilled' (ann) "
+                                                    "learns from the registered CNN")
         p.add_argument("--data-dir", help="directory with the four Fashion-MNIST IDX files (same as data.data_dir)")
         p.add_argument("--experiment", help="MLflow experiment name (same as tracking.experiment)")
         p.add_argument("--n-trials", type=int, help="trials the study should hold in all (tune.n_trials; "

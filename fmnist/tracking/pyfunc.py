@@ -102,5 +102,6 @@ def load_teacher(model_uri: str) -> Classifier:
         return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().classifier
     except (MlflowException, OSError, AttributeError) as e:
         raise ConfigError(f"train.teacher={model_uri}: cannot load an fmnist model from it with the tracking store "
-                          f"{mlflow.get_tracking_uri()} ({one_line(e)})") from None
+                          f"{mlflow.get_tracking_uri()} ({one_line(e)}); train and register one first, e.g. "
+                          "mlflow run . -e cnn --env-manager local") from None
 
