@@ -81,7 +81,11 @@ class Comparison:
 
 def best_runs(runs: pd.DataFrame, select: str = "best_val_accuracy") -> pd.DataFrame:
     """One row per (architecture, seed): the run with the highest `metrics.<select>`. Only seeds that every
-    architecture has are kept, so that runs pair by seed; if none is shared, each architecture's best run."""
+    architecture has are kept, so that runs pair by seed; if none is shared, each architecture's best run. A run
+    distilled from another model (train.teacher) is left out: the study compares what each architecture learns
+    from the labels, and a taught MLP would otherwise win the ANN's place by its higher validation accuracy."""
+    if "params.train.teacher" in runs:
+        runs = runs[runs["params.train.teacher"].fillna("") == ""]
     if select.startswith("test_"):
         raise ConfigError(f"--select {select}: choosing by a test metric leaks the test set; use a validation "
                           "metric such as best_val_accuracy")

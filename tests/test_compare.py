@@ -108,7 +108,11 @@ def test_several_runs_per_architecture_and_seed_are_chosen_by_validation_and_pai
         log_run(client, exp, "ann", val=0.80, test=0.80, seed=seed)
         log_run(client, exp, "cnn", val=0.90, test=0.90 + seed / 100, seed=seed)
         log_run(client, exp, "cnn", val=0.85, test=0.99, seed=seed)  # better on test, worse on validation
+        taught = log_run(client, exp, "ann", val=0.95, test=0.95, seed=seed)  # distilled from a CNN: not the ANN's
+        client.log_param(taught, "train.teacher", "models:/fmnist-cnn@champion")
+        client.log_param(log_run(client, exp, "ann", val=0.70, test=0.70, seed=seed), "train.teacher", "")
     comparison = build("compare-seeds")
+    assert comparison.models.loc["ann", "test_accuracy"] == pytest.approx(0.80)  # the runs taught by labels alone
     assert comparison.models.loc["cnn", "seeds"] == 2
     assert comparison.models.loc["cnn", "test_accuracy"] == pytest.approx(0.905)  # mean of 0.90 and 0.91
     assert comparison.models.loc["cnn", "test_accuracy_std"] == pytest.approx(np.std([0.90, 0.91], ddof=1))
