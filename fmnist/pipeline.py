@@ -140,7 +140,7 @@ def run_experiment(cfg: Config, tracker: Tracker, data: Dataset | None = None, p
     """Train one configuration as one run (nested under `parent`); a `trial` stops after validation."""
     data = data or fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)
     model, rt = build(cfg)  # before the run starts: a bad dataset or option leaves no run behind
-    data = with_teacher(data, cfg)
+    data, teacher_tags = with_teacher(data, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{cfg.model.arch}: {n_params:,} parameters ({n_trained:,} trained) on {rt.describe()}; data "
@@ -149,7 +149,7 @@ def run_experiment(cfg: Config, tracker: Tracker, data: Dataset | None = None, p
     with tracker.run(cfg.tracking.run_name, parent=parent, tags=tags) as run:
         run.log_params(cfg.flat())
         run.set_tags({"architecture": cfg.model.arch, "device": rt.describe(), "torch_version": torch.__version__,
-                      "dataset_digest": data.digest})
+                      "dataset_digest": data.digest} | teacher_tags)
         if not trial:
             run.log_inputs(data)
         prepared = prepare(model, data, rt, cfg.train)
@@ -180,26 +180,26 @@ def run_experiment(cfg: Config, tracker: Tracker, data: Dataset | None = None, p
         return Outcome(run.id, history, summary | metrics)
 
 
-def with_teacher(data: Dataset, cfg: Config) -> Dataset:
+def with_teacher(data: Dataset, cfg: Config) -> tuple[Dataset, dict[str, str]]:
     """With train.teacher: the data plus the teacher's class probabilities for each training image, from its
-    saved program run as its model serves it."""
+    saved program run as its model serves it; and the tag naming the run that logged the teacher, where known."""
     spec = cfg.train.teacher
     if not spec:
-        return data
+        return data, {}
     if is_uri(spec) or Path(spec).is_dir():
         from fmnist.tracking.pyfunc import load_teacher  # a logged model is MLflow's to read
 
-        teacher = load_teacher(spec)
+        teacher, run_id = load_teacher(spec)
     else:
         try:
-            teacher = Classifier.load(spec)
+            teacher, run_id = Classifier.load(spec), None
         except Exception as e:  # torch.export.load's errors have no common type
             raise ConfigError(f"train.teacher={spec}: not a saved fmnist network ({one_line(e)})") from None
     probabilities = torch.from_numpy(teacher.probabilities(data.x_train.numpy()))
     if probabilities.shape[1] != len(data.classes):
         raise ConfigError(f"train.teacher={spec}: answers {probabilities.shape[1]} classes; expected "
                           f"{len(data.classes)}")
-    return dataclasses.replace(data, teacher_train=probabilities)
+    return dataclasses.replace(data, teacher_train=probabilities), {"teacher_run_id": run_id} if run_id else {}
 
 
 def evaluate_model(model: torch.nn.Module, prepared: Prepared, data: Dataset, rt: Runtime, cfg: Config,

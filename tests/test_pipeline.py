@@ -123,7 +123,8 @@ def test_an_ann_distils_from_a_saved_cnn_and_a_bad_teacher_leaves_no_run(tiny_da
     assert run.params["train.distill"] == 0.7 and outcome.metrics["test_accuracy"] > 0.3  # chance is 0.1
 
     cfg = config("ann", tiny_data, f"train.teacher={network}")
-    data = with_teacher(fdata.load(tiny_data, 0.1, seed=0), cfg)
+    data, tags = with_teacher(fdata.load(tiny_data, 0.1, seed=0), cfg)
+    assert tags == {} and "teacher_run_id" not in run.tags  # a bare file names no run
     served = Classifier.load(network).probabilities(fdata.load(tiny_data, 0.1, seed=0).x_train.numpy())
     assert torch.equal(data.teacher_train, torch.from_numpy(served))  # the teacher as its model serves it
 

@@ -98,9 +98,11 @@ def test_every_registered_model_rescores_the_test_set_to_its_runs_accuracy(track
 def test_an_ann_distils_from_the_registered_cnn_and_a_missing_teacher_leaves_no_run(tracking_env, tiny_data):
     train("cnn", tiny_data, "distil", "train.epochs=2", "model.widths=[8,16]", "model.convs_per_block=1")
     teacher = "models:/fmnist-cnn@champion"
+    champion = MlflowClient().get_model_version_by_alias("fmnist-cnn", "champion")
     run = MlflowClient().get_run(train("ann", tiny_data, "distil", "train.epochs=2", "model.widths=[16]",
                                        f"train.teacher={teacher}"))
     assert run.info.status == "FINISHED" and run.data.params["train.teacher"] == teacher
+    assert run.data.tags["teacher_run_id"] == champion.run_id  # which model taught, though the alias moves on
     assert run.data.metrics["test_accuracy"] > 0.3  # chance is 0.1
     experiment = run.info.experiment_id
     before = len(MlflowClient().search_runs([experiment]))

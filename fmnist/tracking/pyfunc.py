@@ -95,13 +95,13 @@ def load_classifier(model_uri: str):
                           f"({getattr(e, 'message', e)})") from None
 
 
-def load_teacher(model_uri: str) -> Classifier:
+def load_teacher(model_uri: str) -> tuple[Classifier, str | None]:
     """train.teacher: the network inside a logged or registered model (or a saved model's folder), run as the model
-    serves it."""
+    serves it, and the id of the run that logged it (an alias moves; the run id says which model taught)."""
     try:
-        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().classifier
+        model = mlflow.pyfunc.load_model(model_uri)
+        return model.unwrap_python_model().classifier, model.metadata.run_id
     except (MlflowException, OSError, AttributeError) as e:
         raise ConfigError(f"train.teacher={model_uri}: cannot load an fmnist model from it with the tracking store "
                           f"{mlflow.get_tracking_uri()} ({one_line(e)}); train and register one first, e.g. "
                           "mlflow run . -e cnn --env-manager local") from None
-
