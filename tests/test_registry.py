@@ -95,7 +95,11 @@ def test_every_registered_model_rescores_the_test_set_to_its_runs_accuracy(track
         assert (table["class"] == [CLASSES[k] for k in data.y_test]).mean() == run.data.metrics["test_accuracy"], arch
 
 
-def test_an_ann_distils_from_the_registered_cnn_and_a_missing_teacher_leaves_no_run(tracking_env, tiny_data):
+def test_an_ann_distils_from_the_registered_cnn_and_a_missing_teacher_leaves_no_run(tiny_data, tmp_path, monkeypatch):
+    # A store of its own: this weak CNN must not become the shared server's champion for other tests.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'distil.db'}")
+    monkeypatch.chdir(tmp_path)  # and its artifacts
+    mlflow.set_tracking_uri(None)
     train("cnn", tiny_data, "distil", "train.epochs=2", "model.widths=[8,16]", "model.convs_per_block=1")
     teacher = "models:/fmnist-cnn@champion"
     champion = MlflowClient().get_model_version_by_alias("fmnist-cnn", "champion")
