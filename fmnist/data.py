@@ -33,6 +33,14 @@ IMAGE_MAGIC, LABEL_MAGIC = 0x00000803, 0x00000801  # IDX: unsigned byte data, 3 
 
 
 @dataclass
+class Teacher:
+    """A trained network's class probabilities for each training image (distillation), and where they came from."""
+    source: str  # train.teacher as given
+    run_id: str | None  # the run that logged it, where known (an alias such as @champion moves on)
+    probabilities: torch.Tensor  # float (N, 10), row for row with x_train
+
+
+@dataclass
 class Dataset:
     x_train: torch.Tensor  # uint8 (N, 28, 28)
     y_train: torch.Tensor  # int64 (N,)
@@ -43,7 +51,7 @@ class Dataset:
     source: str  # the directory the files were read from
     digest: str  # sha256 of the decoded images and labels, short form
     classes: tuple[str, ...] = CLASSES
-    teacher_train: torch.Tensor | None = None  # float (N, 10): a teacher's class probabilities for x_train
+    teacher: Teacher | None = None
 
 
 def cache_dir() -> Path:

@@ -20,7 +20,7 @@ import torch
 
 from fmnist import data as fdata
 from fmnist.config import Config, is_uri
-from fmnist.data import Dataset
+from fmnist.data import Dataset, Teacher
 from fmnist.errors import ConfigError, Pruned, one_line
 from fmnist.evaluate import write_evaluation
 from fmnist.features import Prepared, prepare
@@ -140,7 +140,7 @@ def run_experiment(cfg: Config, tracker: Tracker, data: Dataset | None = None, p
     """Train one configuration as one run (nested under `parent`); a `trial` stops after validation."""
     data = data or fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)
     model, rt = build(cfg)  # before the run starts: a bad dataset or option leaves no run behind
-    data, teacher_tags = with_teacher(data, cfg)
+    data = with_teacher(data, cfg)
     n_params = sum(p.numel() for p in model.parameters())
     n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{cfg.model.arch}: {n_params:,} parameters ({n_trained:,} trained) on {rt.describe()}; data "
@@ -149,7 +149,8 @@ def run_experiment(cfg: Config, tracker: Tracker, data: Dataset | None = None, p
     with tracker.run(cfg.tracking.run_name, parent=parent, tags=tags) as run:
         run.log_params(cfg.flat())
         run.set_tags({"architecture": cfg.model.arch, "device": rt.describe(), "torch_version": torch.__version__,
-                      "dataset_digest": data.digest} | teacher_tags)
+                      "dataset_digest": data.digest} |
+                     ({"teacher_run_id": data.teacher.run_id} if data.teacher and data.teacher.run_id else {}))
         if not trial:
             run.log_inputs(data)
         prepared = prepare(model, data, rt, cfg.train)
@@ -180,12 +181,14 @@ def run_experiment(cfg: Config, tracker: Tracker, data: Dataset | None = None, p
         return Outcome(run.id, history, summary | metrics)
 
 
-def with_teacher(data: Dataset, cfg: Config) -> tuple[Dataset, dict[str, str]]:
-    """With train.teacher: the data plus the teacher's class probabilities for each training image, from its
-    saved program run as its model serves it; and the tag naming the run that logged the teacher, where known."""
+def with_teacher(data: Dataset, cfg: Config) -> Dataset:
+    """The data with train.teacher's class probabilities for each training image, from its saved program run as
+    its model serves it. A search computes them once: its trials share the training split, and so the teacher."""
     spec = cfg.train.teacher
     if not spec:
-        return data, {}
+        return dataclasses.replace(data, teacher=None) if data.teacher else data
+    if data.teacher and data.teacher.source == spec:
+        return data
     if is_uri(spec) or Path(spec).is_dir():
         from fmnist.tracking.pyfunc import load_teacher  # a logged model is MLflow's to read
 
@@ -195,11 +198,14 @@ def with_teacher(data: Dataset, cfg: Config) -> tuple[Dataset, dict[str, str]]:
             teacher, run_id = Classifier.load(spec), None
         except Exception as e:  # torch.export.load's errors have no common type
             raise ConfigError(f"train.teacher={spec}: not a saved fmnist network ({one_line(e)})") from None
-    probabilities = torch.from_numpy(teacher.probabilities(data.x_train.numpy()))
+    try:
+        probabilities = torch.from_numpy(teacher.probabilities(data.x_train.numpy()))
+    except Exception as e:  # a program for other inputs fails inside torch, with no common type either
+        raise ConfigError(f"train.teacher={spec}: does not take 28x28 images ({one_line(e)})") from None
     if probabilities.shape[1] != len(data.classes):
         raise ConfigError(f"train.teacher={spec}: answers {probabilities.shape[1]} classes; expected "
                           f"{len(data.classes)}")
-    return dataclasses.replace(data, teacher_train=probabilities), {"teacher_run_id": run_id} if run_id else {}
+    return dataclasses.replace(data, teacher=Teacher(spec, run_id, probabilities))
 
 
 def evaluate_model(model: torch.nn.Module, prepared: Prepared, data: Dataset, rt: Runtime, cfg: Config,

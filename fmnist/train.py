@@ -177,8 +177,9 @@ def distill_target(labels: torch.Tensor, teacher: torch.Tensor, share: float) ->
 
 
 def train_epoch(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, opt, scheduler, scaler,
-                generator: torch.Generator, epoch: int) -> dict[str, float]:
-    """One pass over the shuffled training split in whole batches."""
+                generator: torch.Generator, epoch: int, targets: torch.Tensor | None = None) -> dict[str, float]:
+    """One pass over the shuffled training split in whole batches. `targets`: each training image's target as
+    class probabilities (distillation), or None: its label."""
     model.train()
     x, y = data.x_train, data.y_train
     batch, steps = epoch_steps(len(y), cfg.batch_size)
@@ -189,7 +190,7 @@ def train_epoch(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, 
     for step in bar:
         idx = order[step * batch:(step + 1) * batch]
         xb, yb = training_batch(x, idx, cfg, generator), y[idx]
-        target = yb if data.teacher_train is None else distill_target(yb, data.teacher_train[idx], cfg.distill)
+        target = yb if targets is None else targets[idx]
         loss, logits = train_step(model, xb, target, opt, scaler, rt, cfg.label_smoothing)
         scheduler.step()
         loss_sum += loss * len(yb)
@@ -229,16 +230,16 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, callback
     """Train on data.x_train, select the epoch with the best validation accuracy and restore its weights."""
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation, on the CPU
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-    teacher = None if data.teacher_train is None else data.teacher_train.to(rt.device)
-    data = dataclasses.replace(data, x_train=data.x_train.to(rt.device), y_train=data.y_train.to(rt.device),
-                               teacher_train=teacher)
+    targets = None if data.teacher is None else \
+        distill_target(data.y_train, data.teacher.probabilities, cfg.distill).to(rt.device)  # once, not per step
+    data = dataclasses.replace(data, x_train=data.x_train.to(rt.device), y_train=data.y_train.to(rt.device))
     opt = make_optimizer(model, cfg)
     scheduler = make_scheduler(opt, cfg, cfg.epochs * epoch_steps(len(data.y_train), cfg.batch_size)[1])
     scaler = torch.amp.GradScaler(enabled=rt.autocast is torch.float16)
     history, best, start = History(), BestWeights(), time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         epoch_start = time.perf_counter()
-        metrics = train_epoch(model, data, cfg, rt, opt, scheduler, scaler, generator, epoch)
+        metrics = train_epoch(model, data, cfg, rt, opt, scheduler, scaler, generator, epoch, targets)
         val = validate(model, data.x_val, data.y_val, rt, cfg.eval_batch_size, cfg.label_smoothing)
         metrics = {**metrics, "val_loss": val["loss"], "val_accuracy": val["accuracy"],
                    "elapsed_seconds": time.perf_counter() - start}

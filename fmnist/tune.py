@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from fmnist import data as fdata
 from fmnist.config import Config, load_config, parse_overrides
 from fmnist.errors import ConfigError, GivenUp, Pruned, SearchError
-from fmnist.pipeline import Run, Tracker, run_experiment
+from fmnist.pipeline import Run, Tracker, run_experiment, with_teacher
 from fmnist.signals import HeldSignals
 from fmnist.space import as_overrides, inside, label, suggest
 from fmnist.storages import open_storage, redacted, retry
@@ -50,7 +50,8 @@ def tune(arch: str, config_path: str | None, overrides: list[str], tracker: Trac
         print(f"fmnist tune: {', '.join(f'{k}={cfg.flat()[k]}' for k in fixed)} given, so fixed and not searched")
     if not cfg.tune.space:
         raise ConfigError(f"tune.space of {arch} is empty: declare the search space in experiments/{arch}.yaml")
-    data = fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed)  # bad data: no study, no run
+    # Bad data or a bad teacher: no study, no run. The teacher's answers are computed here, once for all trials.
+    data = with_teacher(fdata.load(cfg.data.data_dir, cfg.data.val_fraction, cfg.train.seed), cfg)
     storage = open_storage(cfg.tune.storage, cfg.tune.heartbeat, on_stale=retry_stale_trial)
     study, created = open_study(cfg, cfg.tune.study_name or f"{tracker.experiment}-{arch}", storage)
     parent_id = None if created else parent_run_of(study)

@@ -195,6 +195,12 @@ def test_tune_refuses_bad_options_before_any_study(tiny_data, tmp_path, capsys):
     assert "tune.storage=nosuchdb://x: not a database URL" in capsys.readouterr().err
     assert main([*base, "--n-trials", "2", "tune.pruner=best"]) == 2
     assert "tune.pruner='best': expected median, hyperband or none" in capsys.readouterr().err
+    not_a_network = tmp_path / "teacher.pt2"
+    not_a_network.write_text("not a program")
+    assert main([*base, "--n-trials", "2", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+                 f"train.teacher={not_a_network}"]) == 2
+    assert f"train.teacher={not_a_network}: not a saved fmnist network" in capsys.readouterr().err
+    assert not (tmp_path / "optuna.db").exists()  # refused before any study
 
 
 def test_a_script_reports_a_user_error_in_one_line_with_status_2_and_lets_others_through(capsys):

@@ -123,11 +123,17 @@ def test_an_ann_distils_from_a_saved_cnn_and_a_bad_teacher_leaves_no_run(tiny_da
     assert run.params["train.distill"] == 0.7 and outcome.metrics["test_accuracy"] > 0.3  # chance is 0.1
 
     cfg = config("ann", tiny_data, f"train.teacher={network}")
-    data, tags = with_teacher(fdata.load(tiny_data, 0.1, seed=0), cfg)
-    assert tags == {} and "teacher_run_id" not in run.tags  # a bare file names no run
+    data = with_teacher(fdata.load(tiny_data, 0.1, seed=0), cfg)
+    assert data.teacher.run_id is None and "teacher_run_id" not in run.tags  # a bare file names no run
     served = Classifier.load(network).probabilities(fdata.load(tiny_data, 0.1, seed=0).x_train.numpy())
-    assert torch.equal(data.teacher_train, torch.from_numpy(served))  # the teacher as its model serves it
+    assert torch.equal(data.teacher.probabilities, torch.from_numpy(served))  # the teacher as its model serves it
+    assert with_teacher(data, cfg) is data  # a search's trials reuse it instead of running the teacher again
+    assert with_teacher(data, config("ann", tiny_data)).teacher is None  # and a trial without one drops it
 
+    other_inputs = tmp_path / "other.pt2"  # a saved program, but for 5 numbers, not 28x28 images
+    torch.export.save(torch.export.export(torch.nn.Linear(5, 10), (torch.zeros(2, 5),)), other_inputs)
+    with pytest.raises(ConfigError, match=f"train.teacher={other_inputs}: does not take 28x28 images"):
+        run_experiment(config("ann", tiny_data, f"train.teacher={other_inputs}"), tracker)
     not_a_network = tmp_path / "notes.pt2"
     not_a_network.write_text("not a program")
     with pytest.raises(ConfigError, match=f"train.teacher={not_a_network}: not a saved fmnist network"):

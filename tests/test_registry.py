@@ -110,6 +110,6 @@ def test_an_ann_distils_from_the_registered_cnn_and_a_missing_teacher_leaves_no_
     assert run.data.metrics["test_accuracy"] > 0.3  # chance is 0.1
     experiment = run.info.experiment_id
     before = len(MlflowClient().search_runs([experiment]))
-    with pytest.raises(ConfigError, match="train.teacher=models:/fmnist-nope@champion: cannot load an fmnist model"):
+    with pytest.raises(ConfigError, match="train.teacher=models:/fmnist-nope@champion: cannot load it from"):
         train("ann", tiny_data, "distil", "train.teacher=models:/fmnist-nope@champion")
     assert len(MlflowClient().search_runs([experiment])) == before

@@ -178,7 +178,8 @@ def test_a_student_follows_its_teacher_as_far_as_its_share(tiny_data, share, fol
     # student learns to say 3, with none it learns the labels (the tiny set's 10 classes come in equal numbers).
     data = fdata.load(tiny_data, 0.2, seed=0)
     threes = torch.full_like(data.y_train, 3)
-    data = dataclasses.replace(data, teacher_train=F.one_hot(threes, 10).float(), y_val=torch.full_like(data.y_val, 3))
+    teacher = fdata.Teacher("always-three", None, F.one_hot(threes, 10).float())
+    data = dataclasses.replace(data, teacher=teacher, y_val=torch.full_like(data.y_val, 3))
     history = train(build_model("ann", widths=(32,)), data, small_cfg(epochs=8, distill=share))
     says_three = history.best_val_accuracy
     assert says_three > 0.9 if follows_teacher else says_three < 0.3

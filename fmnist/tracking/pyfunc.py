@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature, infer_signature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-from fmnist.errors import ConfigError, InputError, one_line
+from fmnist.errors import ConfigError, InputError
 from fmnist.predict import Classifier
 
 MODEL_FILE = Path(__file__).with_name("pyfunc_model.py")
@@ -79,29 +79,29 @@ def save_model(path: Path, network: Path, example: np.ndarray) -> None:
 
 def classify(model_uri: str, images: np.ndarray):
     """`fmnist predict`: the model's table (class, probability, one column per class) for these images."""
-    model = load_classifier(model_uri)
+    model = load_classifier(model_uri, "--model ")
     try:
         return model.predict(images)
     except MlflowException as e:
         raise ConfigError(f"--model {model_uri}: {e.message}") from None
 
 
-def load_classifier(model_uri: str):
-    """A logged or registered model (`models:/fmnist-cnn@champion`, `runs:/<id>/model`) as a pyfunc model."""
+def load_classifier(model_uri: str, option: str):
+    """A logged or registered model (`models:/fmnist-cnn@champion`, `runs:/<id>/model`) as a pyfunc model;
+    `option` names where the URI came from in the error."""
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except (MlflowException, OSError) as e:
-        raise ConfigError(f"--model {model_uri}: cannot load it from {mlflow.get_tracking_uri()} "
+        raise ConfigError(f"{option}{model_uri}: cannot load it from {mlflow.get_tracking_uri()} "
                           f"({getattr(e, 'message', e)})") from None
 
 
 def load_teacher(model_uri: str) -> tuple[Classifier, str | None]:
-    """train.teacher: the network inside a logged or registered model (or a saved model's folder), run as the model
-    serves it, and the id of the run that logged it (an alias moves; the run id says which model taught)."""
+    """train.teacher: the network inside a logged or registered fmnist model (or a saved model's folder), run as
+    the model serves it, and the id of the run that logged it."""
+    model = load_classifier(model_uri, "train.teacher=")
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
         return model.unwrap_python_model().classifier, model.metadata.run_id
-    except (MlflowException, OSError, AttributeError) as e:
-        raise ConfigError(f"train.teacher={model_uri}: cannot load an fmnist model from it with the tracking store "
-                          f"{mlflow.get_tracking_uri()} ({one_line(e)}); train and register one first, e.g. "
-                          "mlflow run . -e cnn --env-manager local") from None
+    except (MlflowException, AttributeError):  # another flavour, or a pyfunc not of this project
+        raise ConfigError(f"train.teacher={model_uri}: not an fmnist model (expected one logged by fmnist train)") \
+            from None
