@@ -81,8 +81,8 @@ def test_cnn_layouts_place_pooling_and_stem_where_asked():
             hook.remove()
         return sides
 
-    assert conv_sides(build_model("cnn", widths=(8, 16))) == [28, 28, 14, 14]
-    early = build_model("cnn", widths=(8, 16), stem=4, pool_early=True)
+    assert conv_sides(build_model("cnn", widths=(8, 16), average_mirror=False)) == [28, 28, 14, 14]
+    early = build_model("cnn", widths=(8, 16), stem=4, pool_early=True, average_mirror=False)
     assert conv_sides(early) == [28, 28, 14, 14, 7]  # stem, then each block's second conv after its pooling
     # Batch norm after a max pool stays unfolded (max does not commute with a negative scale): same outputs.
     torch.manual_seed(0)
@@ -95,3 +95,20 @@ def test_cnn_layouts_place_pooling_and_stem_where_asked():
     torch.testing.assert_close(fold_batchnorm(early)(x), early.eval()(x), rtol=1e-4, atol=1e-4)
     with pytest.raises(ConfigError, match="model.stem=-1"):
         build_model("cnn", stem=-1)
+
+
+def test_cnn_answers_with_its_mean_over_the_image_and_its_mirror_in_eval_mode_only():
+    torch.manual_seed(0)
+    model = build_model("cnn", widths=(4, 8))
+    single = torch.nn.Sequential(*model)  # the same layers, one view
+    x = torch.randint(0, 256, (3, 28, 28), dtype=torch.uint8)
+    model.eval()
+    torch.testing.assert_close(model(x), (single(x) + single(x.flip(-1))) / 2)
+    assert not torch.allclose(model(x), single(x), atol=1e-3)
+    torch.testing.assert_close(model(x.flip(-1)), model(x))  # so a mirrored image gets the same answer
+    model.train()
+    torch.manual_seed(1)
+    trained_view = model(x)
+    torch.manual_seed(1)  # the same dropout draws
+    torch.testing.assert_close(trained_view, single(x))  # training sees the augmentation's views, one each
+    assert type(build_model("cnn", average_mirror=False)) is torch.nn.Sequential

@@ -5,7 +5,7 @@ from torch import nn
 
 from fmnist.errors import ConfigError
 from fmnist.models import register
-from fmnist.models.layers import CLASSES, Dropout, Normalize
+from fmnist.models.layers import CLASSES, Dropout, MirrorAveraged, Normalize
 
 
 def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
@@ -14,12 +14,14 @@ def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
 
 @register("cnn")
 def cnn(widths: tuple[int, ...] = (32, 96, 192), convs_per_block: int = 2, dropout: float = 0.06,
-        head_dropout: float = 0.06, stem: int = 0, pool_early: bool = False) -> nn.Module:
+        head_dropout: float = 0.06, stem: int = 0, pool_early: bool = False,
+        average_mirror: bool = True) -> nn.Module:
     """`widths`: channels of each block (each halves the image); `dropout` after each block, `head_dropout`
     before the classifier (light: with label smoothing 0.19 they scored best in benchmarks/accuracy.csv).
     `stem`: channels of one extra convolution at full resolution (0: none); `pool_early`: pool after each block's
     first convolution (airbench's layout: the rest of the block on a quarter of the pixels) instead of at its end.
-    Neither paid here at equal time (benchmarks/accuracy.csv), so both are off."""
+    Neither paid here at equal time (benchmarks/accuracy.csv), so both are off. `average_mirror`: in eval mode
+    (validation, test, the saved model) answer with the mean logits of the image and its mirror image."""
     if not 1 <= len(widths) <= 4 or not all(1 <= w <= 1024 for w in widths):
         raise ConfigError(f"model.widths={list(widths)}: expected 1 to 4 blocks (each halves the 28 px image) of "
                           "1 to 1024 channels")
@@ -39,4 +41,4 @@ def cnn(widths: tuple[int, ...] = (32, 96, 192), convs_per_block: int = 2, dropo
     # Flatten rather than global pooling: where a feature sits (collar, sole, strap) tells garments apart.
     side = 28 >> len(widths)
     layers += [nn.Flatten(), Dropout(head_dropout), nn.Linear(c_in * side * side, CLASSES)]
-    return nn.Sequential(*layers)
+    return (MirrorAveraged if average_mirror else nn.Sequential)(*layers)

@@ -47,6 +47,20 @@ class Dropout(nn.Dropout):
         return x * keep * (256 / (256 - threshold))
 
 
+class MirrorAveraged(nn.Sequential):
+    """nn.Sequential whose eval-mode output is the mean of its logits for the image and for its mirror image.
+
+    A network trained on mirrored images (train.augment) knows both views, and their mean is a steadier answer:
+    for the study's three CNNs it scored 0.9466 against 0.9447 on the test set (README), for twice the
+    inference. Training is untouched: the mirror there is the augmentation's, drawn per image.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return super().forward(x)
+        return (super().forward(x) + super().forward(x.flip(-1))) / 2
+
+
 @torch.no_grad()
 def fold_batchnorm(network: nn.Module) -> nn.Module:
     """An eval-mode copy with each batch norm folded into the convolution or linear layer before it.
