@@ -140,6 +140,8 @@ def load_config(arch: str, path: str | os.PathLike | None = None, overrides: lis
             valid = sorted(k for k in cfg.flat() if not k.startswith("model.")) + ["model.<builder parameter>"]
             raise ConfigError(f"{origin}: unknown option {key!r}; expected one of {', '.join(valid)}")
         setattr(target, name, _coerce(value, _resolve(types_[name]), key, origin))
+    if "average_mirror" in model_params and not cfg.train.augment and "average_mirror" not in cfg.model.params:
+        cfg.model.params["average_mirror"] = False  # a network that never trained on mirror images is not asked
     validate(cfg, path)
     validate_space(cfg, arch, model_params)
     check_model(cfg)

@@ -88,6 +88,16 @@ def test_an_empty_override_means_not_given():
         load_config("cnn").train.epochs
 
 
+def test_the_cnn_averages_the_mirror_only_where_it_trained_on_mirror_images():
+    def mirror(*overrides):
+        return load_config("cnn", overrides=list(overrides)).flat()["model.average_mirror"]
+
+    assert mirror() is True
+    assert mirror("train.augment=false") is False
+    assert mirror("train.augment=false", "model.average_mirror=true") is True  # said explicitly: kept
+    assert mirror("model.average_mirror=false") is False
+
+
 def test_a_value_every_architecture_must_choose_has_no_default(tmp_path):
     (tmp_path / "x.yaml").write_text("train: {epochs: 1, batch_size: 8}\n")
     with pytest.raises(ConfigError, match="train.lr: no value; expected it in .*x.yaml or as train.lr="):

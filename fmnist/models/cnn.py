@@ -21,7 +21,8 @@ def cnn(widths: tuple[int, ...] = (32, 96, 192), convs_per_block: int = 2, dropo
     `stem`: channels of one extra convolution at full resolution (0: none); `pool_early`: pool after each block's
     first convolution (airbench's layout: the rest of the block on a quarter of the pixels) instead of at its end.
     Neither paid here at equal time (benchmarks/accuracy.csv), so both are off. `average_mirror`: in eval mode
-    (validation, test, the saved model) answer with the mean logits of the image and its mirror image."""
+    (validation, test, the saved model) answer with the mean logits of the image and its mirror image; it needs
+    the training's mirrored images, so load_config turns it off with train.augment=false unless it is set."""
     if not 1 <= len(widths) <= 4 or not all(1 <= w <= 1024 for w in widths):
         raise ConfigError(f"model.widths={list(widths)}: expected 1 to 4 blocks (each halves the 28 px image) of "
                           "1 to 1024 channels")
