@@ -32,9 +32,10 @@ $(VENV)/.installed: pyproject.toml
 main: setup
 	. $(VENV)/bin/activate && mlflow run . -e main --env-manager local --experiment-name $(EXPERIMENT)
 
-# Two workers, each test file on one of them (a file's tests share its servers and fixtures).
+# Two workers, each taking the next tests when free (the slow ones first: tests/conftest.py). By whole files
+# instead (--dist loadfile), one worker went on alone with the last long file for a minute or more.
 test: setup postgres
-	$(PY) -m pytest -n 2 --dist loadfile
+	$(PY) -m pytest -n 2 --dist load
 
 bench: setup
 	$(PY) benchmarks/throughput.py

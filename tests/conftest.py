@@ -27,6 +27,12 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+def pytest_collection_modifyitems(items):
+    """The slow tests first: `make test`'s two workers take tests as they become free, so the quick ones fill in
+    at the end instead of one worker finishing a long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def write_idx(path: Path, array: np.ndarray, magic: int, compress: bool = True) -> Path:
     header = magic.to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in array.shape)
     raw = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
