@@ -222,7 +222,7 @@ def server_command(args) -> int:
 
 def doctor_command(args) -> int:
     from fmnist.tracking import store
-    from fmnist.tracking.sender import outbox_dir
+    from fmnist.tracking.sender import discard_orphaned_stages, outbox_dir
 
     store.configure_http()
     store.check_reachable()
@@ -230,6 +230,8 @@ def doctor_command(args) -> int:
     ended = store.end_stale_runs_in(args.experiment)
     for run_id, reason in ended:
         print(f"ended run {run_id} FAILED: {reason}")
+    for stage in discard_orphaned_stages():
+        print(f"removed {stage}: files staged by a process that died before it could keep its record")
     kept = sorted(p.parent for p in outbox_dir().glob("*/ops.json"))
     for entry in kept:
         print(f"kept locally, not yet sent: {entry} (send it with: fmnist sync {entry})")

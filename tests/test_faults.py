@@ -121,7 +121,8 @@ def test_no_server_at_start_is_reported_within_seconds_before_loading_data(tiny_
     assert "the tracking server does not answer" in stderr and "parameters" not in stdout  # no data was loaded
 
 
-def test_a_killed_run_is_ended_failed_by_doctor(tracking_env, tiny_data):
+def test_a_killed_run_is_ended_failed_by_doctor(tracking_env, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     client = MlflowClient()
     proc, out = train(tiny_data, "killed", "train.epochs=100000"), []
     wait_for_epoch(proc, 2, out)
@@ -129,9 +130,11 @@ def test_a_killed_run_is_ended_failed_by_doctor(tracking_env, tiny_data):
     proc.wait(timeout=30)
     run = only_run(client, "killed")
     assert run.info.status == "RUNNING"  # nothing could end it
+    [stage] = (tmp_path / "fmnist" / "outbox").glob(f"{run.info.run_id}-*")  # its staged files, left behind
     result = subprocess.run([sys.executable, "-m", "fmnist", "doctor", "--experiment", "killed"],
                             capture_output=True, text=True, timeout=120)
     assert f"ended run {run.info.run_id} FAILED: its process {proc.pid}" in result.stdout, result.stderr
+    assert f"removed {stage}: files staged by a process that died" in result.stdout and not stage.exists()
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FAILED" and f"process {proc.pid}" in run.data.tags["fmnist.end_reason"]
 

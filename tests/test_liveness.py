@@ -1,4 +1,6 @@
-"""Which RUNNING runs are stale, decided from their liveness tags, on a real SQLite store in this process."""
+"""Which RUNNING runs are stale, decided from their liveness tags, and which staged files are orphaned, on a real
+SQLite store in this process."""
+import json
 import os
 import socket
 import subprocess
@@ -8,6 +10,7 @@ import time
 from mlflow import MlflowClient
 
 from fmnist.tracking import MLflowTracker, store
+from fmnist.tracking.sender import WRITER, outbox_dir
 
 
 def dead_pid() -> int:
@@ -44,3 +47,28 @@ def test_stale_runs_are_ended_failed_with_the_reason_and_live_ones_are_left(tmp_
                       recent_elsewhere: "RUNNING", not_ours: "RUNNING"}
     assert "is gone" in client.get_run(dead_here).data.tags[store.REASON_TAG]
     assert "no heartbeat for 2" in client.get_run(silent_elsewhere).data.tags[store.REASON_TAG]
+
+
+def test_files_staged_by_a_process_that_died_are_removed_and_the_rest_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'store.db'}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    here = socket.gethostname()
+
+    def stage(name: str, writer: dict | None, entry: bool = False):
+        folder = outbox_dir() / name
+        (folder / "0-model").mkdir(parents=True)  # a staged copy of the model
+        if writer is not None:
+            (folder / WRITER).write_text(json.dumps(writer))
+        if entry:  # kept by a run that ended while the store was away: fmnist sync sends it
+            (folder / "ops.json").write_text("{}")
+        return folder
+
+    dead = stage("run1-a", {"host": here, "pid": dead_pid()})  # SIGKILLed mid-run
+    live = stage("run2-b", {"host": here, "pid": os.getpid()})
+    elsewhere = stage("run3-c", {"host": "another-host", "pid": 123})  # its process table is not ours to read
+    entry = stage("run4-d", {"host": here, "pid": dead_pid()}, entry=True)
+    unnamed = stage("run5-e", None)  # staged before writers were named: cannot be told
+    with MLflowTracker("stages").run("the next run"):  # a top-level run repairs the outbox too
+        pass
+    assert [f.exists() for f in (dead, live, elsewhere, entry, unnamed)] == [False, True, True, True, True]
+

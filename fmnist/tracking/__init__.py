@@ -11,7 +11,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from contextlib import contextmanager
@@ -24,7 +23,7 @@ from mlflow.data.sources import LocalArtifactDatasetSource
 from fmnist.errors import Pruned, TrackingError, UserError, one_line
 from fmnist.signals import HeldSignals
 from fmnist.tracking import store
-from fmnist.tracking.sender import Sender, outbox_dir
+from fmnist.tracking.sender import Sender, discard_orphaned_stages, new_stage
 
 if TYPE_CHECKING:
     from fmnist.data import Dataset
@@ -59,6 +58,8 @@ class MLflowTracker:
             if not parent:  # a top-level run repairs its experiment: runs whose process died are ended FAILED
                 for stale, reason in store.end_stale_runs([client.get_run(run_id).info.experiment_id]):
                     print(f"fmnist: ended run {stale} FAILED: {reason}", file=sys.stderr)
+                for stage in discard_orphaned_stages():
+                    print(f"fmnist: removed {stage}: files staged by a process that died", file=sys.stderr)
             probe_artifacts(client, run_id)
             run = MLflowRun(run_id, self.heartbeat, self.outage_wait)
             yield run
@@ -116,8 +117,7 @@ class MLflowRun:
         self.id, self.outage_wait = run_id, outage_wait
         # Files queued for sending; the outbox entry if the store is away. One folder per writer: the workers of
         # a shared search all write to its parent run, and the first to finish removes its own folder.
-        outbox_dir().mkdir(parents=True, exist_ok=True)
-        self.stage = Path(tempfile.mkdtemp(prefix=f"{run_id}-", dir=outbox_dir()))
+        self.stage = new_stage(run_id)
         self.sender = Sender(run_id, self.stage)
         self.pulse = Pulse(self.sender, heartbeat)
 

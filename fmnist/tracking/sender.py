@@ -13,7 +13,9 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import psutil
 import requests
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -30,6 +33,7 @@ from fmnist.errors import TrackingError, one_line
 
 OPS = {}  # operation name -> function(client, run_id, state, **arguments)
 MAX_METRICS = 1000  # MLflow's log_batch takes at most this many metrics per request
+WRITER = "writer.json"  # in each stage folder: the host and process id of the process that fills it
 
 
 def operation(fn):
@@ -122,6 +126,33 @@ def absolute_uri() -> str:
 
 def outbox_dir() -> Path:
     return cache_dir() / "outbox"
+
+
+def new_stage(run_id: str) -> Path:
+    """A folder of the outbox for one writer's staged files, which names the process that writes it."""
+    outbox_dir().mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f"{run_id}-", dir=outbox_dir()))
+    (stage / WRITER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+    return stage
+
+
+def discard_orphaned_stages() -> list[Path]:
+    """Remove the stage folders whose writer, a process on this host, died before it could keep its record (a
+    SIGKILL, a power cut): without an ops.json nothing in them can ever be sent, and their run is ended FAILED as
+    stale. A live writer's folder, another host's and an outbox entry are left alone."""
+    removed = []
+    for writer in sorted(outbox_dir().glob(f"*/{WRITER}")):
+        stage = writer.parent
+        try:
+            who = json.loads(writer.read_text())
+            host, pid = who["host"], int(who["pid"])
+        except (OSError, ValueError, TypeError, KeyError):  # not a writer file this code wrote: not ours to judge
+            continue
+        if (stage / "ops.json").exists() or host != socket.gethostname() or psutil.pid_exists(pid):
+            continue
+        shutil.rmtree(stage, ignore_errors=True)
+        removed.append(stage)
+    return removed
 
 
 class Sender:
