@@ -45,6 +45,7 @@ def states(storage: str, study: str) -> Counter:
         storage = JournalStorage(JournalFileBackend(storage))
     return Counter(t.state for t in optuna.load_study(study_name=study, storage=storage).trials)
 
+
 def study_exists(storage: str, study: str) -> bool:
     try:
         return os.path.exists(storage.removeprefix("sqlite:///")) and study in optuna.get_all_study_names(storage)

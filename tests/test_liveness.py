@@ -71,4 +71,3 @@ def test_files_staged_by_a_process_that_died_are_removed_and_the_rest_kept(tmp_p
     with MLflowTracker("stages").run("the next run"):  # a top-level run repairs the outbox too
         pass
     assert [f.exists() for f in (dead, live, elsewhere, entry, unnamed)] == [False, True, True, True, True]
-
