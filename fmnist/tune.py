@@ -181,7 +181,9 @@ class Objective:
         except Pruned:
             raise optuna.TrialPruned() from None
         if trial.number in failed_trials(trial.study):  # stopped after its last epoch's report
-            raise given_up(trial.number)
+            with self.tracker.run(resume=outcome.run_id) as run:  # its run ends FAILED, as when given up sooner
+                run.set_tags({"trial_state": "STALE"})
+                raise given_up(trial.number)
         return outcome.history.best_val_accuracy
 
 

@@ -10,13 +10,14 @@ from collections import Counter
 
 import optuna
 import pytest
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from fmnist.config import load_config
 from fmnist.data import load
-from fmnist.pipeline import NullTracker
 from fmnist.signals import HeldSignals
 from fmnist.storages import open_storage
+from fmnist.tracking import MLflowTracker
 from fmnist.tune import Objective, PruneOnEpoch, optimize
 from searching import LR, run, search_runs, states, study_exists, trial_runs, tune_command
 
@@ -228,16 +229,25 @@ class FailedByAnotherWorkerAtTheLastEpoch(optuna.pruners.NopPruner):
 
 
 def test_a_trial_failed_by_another_worker_after_its_last_epoch_is_given_up_and_the_search_goes_on(
-        tiny_data, tmp_path, capsys):
+        tiny_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     overrides = ["model.widths=[16]", "train.epochs=2", "tune.n_trials=2", LR]
     cfg = load_config("ann", None, overrides)
     study = optuna.create_study(storage=open_storage(url, heartbeat=60), study_name="s", direction="maximize",
                                 pruner=FailedByAnotherWorkerAtTheLastEpoch(open_storage(url, heartbeat=60)))
     data = load(tiny_data, cfg.data.val_fraction, cfg.train.seed)
-    optimize(study, Objective("ann", None, overrides, cfg, data, "untracked", NullTracker(tmp_path)), cfg)
+    tracker = MLflowTracker("given-up")
+    with tracker.run("search") as parent:
+        optimize(study, Objective("ann", None, overrides, cfg, data, parent.id, tracker), cfg)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
     assert "trial 0 was failed by another worker" in capsys.readouterr().out
+    runs = {r.data.tags["optuna.trial"]: r for r in MlflowClient().search_runs(
+        [MlflowClient().get_experiment_by_name("given-up").experiment_id], "tags.`optuna.trial` != ''")}
+    assert runs["0"].info.status == "FAILED" and runs["0"].data.tags["trial_state"] == "STALE"  # not FINISHED
+    assert "trial 0 was failed by another worker" in runs["0"].data.tags["fmnist.end_reason"]
+    assert [runs[n].info.status for n in "12"] == ["FINISHED", "FINISHED"]
 
 
 def stop_outside_a_write(worker: subprocess.Popen, database) -> None:
