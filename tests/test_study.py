@@ -1,12 +1,15 @@
 """`mlflow run . -e main -P seeds=2` against the real test server: every architecture once per seed as nested
-runs, then a comparison of exactly those (mean ± std over seeds, paired tests, verdicts), each model registered,
-the answer on the parent run."""
+runs, then a comparison of exactly those (mean ± std over seeds, paired tests, verdicts), each model registered
+and rescoring the test set to its run's accuracy when loaded back, the answer on the parent run."""
 import subprocess
 
+import mlflow
 import pytest
 from mlflow import MlflowClient
 
 from conftest import ROOT
+from fmnist import data as fdata
+from fmnist.data import CLASSES
 
 pytestmark = pytest.mark.slow
 
@@ -39,10 +42,15 @@ def test_main_entry_point_trains_all_three_per_seed_and_compares_exactly_its_run
     assert decoy not in comparison.data.tags.values()
     assert {"comparison/comparison.md", "comparison/report.html", "comparison/pairs.csv",
             "comparison/verdicts.md"} <= {a.path for a in client.list_artifacts(comparison.info.run_id, "comparison")}
+    test = fdata.load(tiny_data, 0.1, seed=0)  # the test set is the same for every seed
     for (arch, seed), run in training.items():
         [version] = client.search_model_versions(f"run_id = '{run.info.run_id}'")
         assert version.name == f"fmnist-{arch}"
         assert client.get_model_version_by_alias(f"fmnist-{arch}", "champion")  # every model has one
+        if seed == "0":  # the registered model, loaded back, rescores the test set to its run's accuracy
+            table = mlflow.pyfunc.load_model(f"models:/fmnist-{arch}/{version.version}").predict(test.x_test.numpy())
+            assert (table["class"] == [CLASSES[k] for k in test.y_test]).mean() == \
+                run.data.metrics["test_accuracy"], arch
     for arch in ("ann", "cnn", "transfer"):  # the answer on the parent run: the mean over the seeds
         mean = sum(training[(arch, s)].data.metrics["test_accuracy"] for s in "01") / 2
         assert parent.data.metrics[f"{arch}_test_accuracy"] == pytest.approx(mean)
