@@ -117,7 +117,7 @@ SECTIONS = ("model", "data", "train", "tracking", "tune")
 
 def load_config(arch: str, path: str | os.PathLike | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the experiment file (experiments/<arch>.yaml unless `path`), then `section.key=value`s."""
-    from fmnist.models import builder_defaults, builder_params  # raise with the list of architectures
+    from fmnist.models import builder_defaults, builder_params, followed_options  # raise with the list of archs
 
     model_params = builder_params(arch)
     cfg = Config(model=ModelConfig(arch=arch), model_defaults=builder_defaults(arch))
@@ -140,8 +140,10 @@ def load_config(arch: str, path: str | os.PathLike | None = None, overrides: lis
             valid = sorted(k for k in cfg.flat() if not k.startswith("model.")) + ["model.<builder parameter>"]
             raise ConfigError(f"{origin}: unknown option {key!r}; expected one of {', '.join(valid)}")
         setattr(target, name, _coerce(value, _resolve(types_[name]), key, origin))
-    if "average_mirror" in model_params and not cfg.train.augment and "average_mirror" not in cfg.model.params:
-        cfg.model.params["average_mirror"] = False  # a network that never trained on mirror images is not asked
+    for param, option in followed_options(arch).items():  # builder defaults that follow a training option
+        if param not in cfg.model.params:
+            section, _, name = option.partition(".")
+            cfg.model.params[param] = getattr(getattr(cfg, section), name)
     validate(cfg, path)
     validate_space(cfg, arch, model_params)
     check_model(cfg)

@@ -13,11 +13,15 @@ from torch import nn
 from fmnist.errors import ConfigError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_FOLLOWS: dict[str, dict[str, str]] = {}
 
 
-def register(name: str):
+def register(name: str, follows: dict[str, str] | None = None):
+    """`follows`: builder parameters whose default in a configuration is the value of a training option (the CNN's
+    `average_mirror` follows `train.augment`); a value given for the parameter itself wins."""
     def wrap(builder):
         _REGISTRY[name] = builder
+        _FOLLOWS[name] = dict(follows or {})
         return builder
     return wrap
 
@@ -42,6 +46,12 @@ def builder_defaults(name: str) -> dict[str, object]:
     """The architecture's hyperparameter defaults: its builder's keyword defaults, the one place they live."""
     sig = inspect.signature(_builder(name))
     return {p.name: p.default for p in sig.parameters.values() if p.default is not inspect.Parameter.empty}
+
+
+def followed_options(name: str) -> dict[str, str]:
+    """Builder parameter -> the `section.key` option its default follows (see register)."""
+    _builder(name)
+    return _FOLLOWS[name]
 
 
 def build_model(name: str, **params) -> nn.Module:

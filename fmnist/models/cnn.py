@@ -12,7 +12,7 @@ def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
 
-@register("cnn")
+@register("cnn", follows={"average_mirror": "train.augment"})  # a net never trained on mirrors is not asked
 def cnn(widths: tuple[int, ...] = (32, 96, 192), convs_per_block: int = 2, dropout: float = 0.06,
         head_dropout: float = 0.06, stem: int = 0, pool_early: bool = False,
         average_mirror: bool = True) -> nn.Module:
@@ -22,7 +22,7 @@ def cnn(widths: tuple[int, ...] = (32, 96, 192), convs_per_block: int = 2, dropo
     first convolution (airbench's layout: the rest of the block on a quarter of the pixels) instead of at its end.
     Neither paid here at equal time (benchmarks/accuracy.csv), so both are off. `average_mirror`: in eval mode
     (validation, test, the saved model) answer with the mean logits of the image and its mirror image; it needs
-    the training's mirrored images, so load_config turns it off with train.augment=false unless it is set."""
+    the training's mirrored images, so in a configuration it follows train.augment unless it is set."""
     if not 1 <= len(widths) <= 4 or not all(1 <= w <= 1024 for w in widths):
         raise ConfigError(f"model.widths={list(widths)}: expected 1 to 4 blocks (each halves the 28 px image) of "
                           "1 to 1024 channels")
