@@ -181,7 +181,9 @@ class Objective:
         except Pruned:
             raise optuna.TrialPruned() from None
         if trial.number in failed_trials(trial.study):  # stopped after its last epoch's report
-            with self.tracker.run(resume=outcome.run_id) as run:  # its run ends FAILED, as when given up sooner
+            # Its run, FINISHED by now, ends FAILED as a trial's given up sooner does; reopened as the nested run it
+            # is, so without the top-level run's repair of the experiment
+            with self.tracker.run(resume=outcome.run_id, parent=self.parent_run_id) as run:
                 run.set_tags({"trial_state": "STALE"})
                 raise given_up(trial.number)
         return outcome.history.best_val_accuracy
