@@ -107,11 +107,17 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay,
                                fused=True)
     if cfg.optimizer == "muon":
-        return make_muon(params, cfg)
+        return make_muon(model, cfg)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
-def make_muon(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
+    """The trained weight matrices Muon takes: all but the first (it reads the input) and the last (the
+    classifier). A model with two or fewer has none, and would train with the fallback alone."""
+    return [p for p in model.parameters() if p.requires_grad and p.ndim >= 2][1:-1]
+
+
+def make_muon(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """timm's Muon (Nesterov momentum orthogonalised by Newton-Schulz; a convolution's weight taken as its
     out x in*kh*kw matrix) on the hidden layers' weights, in one optimizer with its NAdamW fallback on the rest:
     as Muon's authors advise, the first trained layer (in the CNN and MLP, the one that reads pixels), the
@@ -121,8 +127,8 @@ def make_muon(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optim
     fallback's beta1, Muon's momentum stays 0.95."""
     import timm.optim  # here, as in fmnist.models.backbones: importing timm costs every process about 1.3 s
 
-    matrices = [p for p in params if p.ndim >= 2]
-    hidden = {id(p) for p in matrices[1:-1]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden = {id(p) for p in muon_matrices(model)}
     return timm.optim.Muon([{"params": [p for p in params if id(p) in hidden]},
                             {"params": [p for p in params if id(p) not in hidden], "use_fallback": True}],
                            lr=cfg.lr, weight_decay=cfg.weight_decay, nesterov=True, ns_coefficients="original",

@@ -139,3 +139,12 @@ def test_an_ann_distils_from_a_saved_cnn_and_a_bad_teacher_leaves_no_run(tiny_da
     with pytest.raises(ConfigError, match=f"train.teacher={not_a_network}: not a saved fmnist network"):
         run_experiment(config("ann", tiny_data, f"train.teacher={not_a_network}"), tracker)
     assert len(tracker.runs) == 1  # refused before a run began
+
+
+def test_muon_with_no_hidden_matrix_to_take_is_refused_before_a_run(tiny_data):
+    tracker = NullTracker()  # this MLP has one hidden layer: two matrices, the first and the classifier
+    with pytest.raises(ConfigError, match="train.optimizer=muon: this ann has no trained weight matrix between"):
+        run_experiment(config("ann", tiny_data, "train.optimizer=muon"), tracker)
+    assert tracker.runs == []
+    run_experiment(config("ann", tiny_data, "train.optimizer=muon", "model.widths=[32,32]"), tracker)
+    assert [run.status for run in tracker.runs] == ["FINISHED"]
