@@ -242,14 +242,18 @@ def check_device(name: str) -> None:
 
 
 def check_model(cfg: Config) -> None:
-    """Build the model on the meta device (no memory, no weights copied): every check its builder makes runs
-    now, before any run exists, instead of after data loading."""
+    """Build the model on the meta device (no memory, no weights copied): every check its builder makes, and
+    whether the optimizer has what it takes in it, runs now, before any run exists, instead of after data loading."""
     import torch
 
     from fmnist.models import build_model
+    from fmnist.train import muon_matrices
 
     with torch.device("meta"):
-        build_model(cfg.model.arch, **cfg.model.params)
+        model = build_model(cfg.model.arch, **cfg.model.params)
+    if cfg.train.optimizer == "muon" and not muon_matrices(model):
+        raise ConfigError(f"train.optimizer=muon: this {cfg.model.arch} has no trained weight matrix between its "
+                          "first and last layers for Muon to take; expected adamw or sgd, or more layers")
 
 
 def validate_space(cfg: Config, arch: str, model_params: dict) -> None:

@@ -26,7 +26,7 @@ from fmnist.evaluate import write_evaluation
 from fmnist.features import Prepared, prepare
 from fmnist.models import build_model
 from fmnist.predict import Classifier, export_network
-from fmnist.train import Callback, History, Runtime, fit, muon_matrices, predict_logits, resolve_runtime
+from fmnist.train import Callback, History, Runtime, fit, predict_logits, resolve_runtime
 
 
 class Run(Protocol):
@@ -132,9 +132,6 @@ def build(cfg: Config) -> tuple[torch.nn.Module, Runtime]:
     """The model and where it runs. The seed is set here, once: the initial weights follow train.seed too."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model.arch, **cfg.model.params)
-    if cfg.train.optimizer == "muon" and not muon_matrices(model):
-        raise ConfigError(f"train.optimizer=muon: this {cfg.model.arch} has no trained weight matrix between its "
-                          "first and last layers for Muon to take; expected adamw or sgd, or more layers")
     return model, resolve_runtime(cfg.train, model)
 
 
