@@ -49,8 +49,9 @@ def table(rows: list[dict]) -> str:
              "accuracy per minute | note |", "|---|---|---|---|---|---|"]
     for r in rows:
         minutes = float(r["wall_seconds"]) / 60
+        note = r["note"].replace("|", "\\|")  # a bare | in a note (e.g. KL(p || q)) would split the table's cell
         lines.append(f"| {r['arch']} | `{r['overrides'] or '(defaults)'}` | {r['test_accuracy']} | {minutes:.1f} | "
-                     f"{float(r['test_accuracy']) / minutes:.3f} | {r['note']} |")
+                     f"{float(r['test_accuracy']) / minutes:.3f} | {note} |")
     return "\n".join(lines)
 
 
