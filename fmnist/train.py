@@ -107,7 +107,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay,
                                fused=True)
     if cfg.optimizer == "muon":
-        return make_muon(model, cfg)
+        return make_muon(params, muon_matrices(model), cfg)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
@@ -117,7 +117,7 @@ def muon_matrices(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad and p.ndim >= 2][1:-1]
 
 
-def make_muon(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_muon(params: list[nn.Parameter], matrices: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """timm's Muon (Nesterov momentum orthogonalised by Newton-Schulz; a convolution's weight taken as its
     out x in*kh*kw matrix) on the hidden layers' weights, in one optimizer with its NAdamW fallback on the rest:
     as Muon's authors advise, the first trained layer (in the CNN and MLP, the one that reads pixels), the
@@ -127,8 +127,7 @@ def make_muon(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     fallback's beta1, Muon's momentum stays 0.95."""
     import timm.optim  # here, as in fmnist.models.backbones: importing timm costs every process about 1.3 s
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    hidden = {id(p) for p in muon_matrices(model)}
+    hidden = {id(p) for p in matrices}
     return timm.optim.Muon([{"params": [p for p in params if id(p) in hidden]},
                             {"params": [p for p in params if id(p) not in hidden], "use_fallback": True}],
                            lr=cfg.lr, weight_decay=cfg.weight_decay, nesterov=True, ns_coefficients="original",
