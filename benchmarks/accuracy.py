@@ -49,9 +49,10 @@ def table(rows: list[dict]) -> str:
              "accuracy per minute | note |", "|---|---|---|---|---|---|"]
     for r in rows:
         minutes = float(r["wall_seconds"]) / 60
-        note = r["note"].replace("|", "\\|")  # a bare | in a note (e.g. KL(p || q)) would split the table's cell
-        lines.append(f"| {r['arch']} | `{r['overrides'] or '(defaults)'}` | {r['test_accuracy']} | {minutes:.1f} | "
-                     f"{float(r['test_accuracy']) / minutes:.3f} | {note} |")
+        cells = [r["arch"], f"`{r['overrides'] or '(defaults)'}`", r["test_accuracy"], f"{minutes:.1f}",
+                 f"{float(r['test_accuracy']) / minutes:.3f}", r["note"]]
+        # Markdown splits a row at every bare | (even in code), so a note's KL(p || q) would make new cells
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
 
 
