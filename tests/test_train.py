@@ -8,6 +8,7 @@ from fmnist import data as fdata
 from fmnist.config import TrainConfig
 from fmnist.errors import Diverged
 from fmnist.models import build_model
+from fmnist.predict import export_network
 from fmnist.train import (augment, distill_target, erase, fit, make_optimizer, make_scheduler, resolve_runtime,
                           validate)
 
@@ -95,6 +96,21 @@ def test_fit_learns_tiny_data_and_restores_the_best_epoch(tiny_data):
     assert all(torch.equal(restored[k].cpu(), v) for k, v in weights[history.best_epoch].items())
     rt = resolve_runtime(cfg, model)
     assert validate(model, data.x_val, data.y_val, rt)["accuracy"] == history.best_val_accuracy
+
+
+def test_fit_leaves_the_model_in_the_runtime_layout_and_the_export_in_the_standard_one(tiny_data):
+    data = fdata.load(tiny_data, 0.2, seed=0)
+    model = build_model("cnn", widths=(8, 16))
+    cfg = small_cfg(epochs=1, precision="bf16")
+    rt = resolve_runtime(cfg, model)
+    assert rt.channels_last
+    train(model, data, cfg)
+    hidden = [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
+    assert hidden and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                          for w in hidden)  # the training split is scored after fit, in the fast layout
+    program = export_network(model, data.x_test[:2].numpy())
+    weights = [t for t in program.state_dict.values() if t.dim() == 4]
+    assert weights and all(t.is_contiguous() for t in weights)
 
 
 @pytest.mark.parametrize("optimizer,lr,weight_decay", [("adamw", 3e-3, 0.05), ("sgd", 0.05, 5e-4),
