@@ -234,7 +234,7 @@ class BestWeights:
 def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, callbacks: list[Callback] = ()) -> History:
     """Train on data.x_train, select the epoch with the best validation accuracy and restore its weights. The model
     stays on the runtime's device and in its memory layout, where scoring it afterwards is fastest (the CNN in bf16
-    scored 2.3x the images/s in channels_last as in the standard layout, with the same predictions)."""
+    scored 2.3x as many images a second in channels_last as in the standard layout, with the same predictions)."""
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation, on the CPU
     model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
     targets = None if data.teacher is None else \
