@@ -28,8 +28,7 @@ class Candidate:
         self.cfg = load_config(arch, overrides=overrides)
         self.model = build_model(arch, **self.cfg.model.params)
         self.rt = resolve_runtime(self.cfg.train, self.model)
-        self.model.to(self.rt.device,
-                      memory_format=torch.channels_last if self.rt.channels_last else torch.contiguous_format)
+        self.model.to(self.rt.device, memory_format=self.rt.memory_format)
         self.model.train()
         self.opt = make_optimizer(self.model, self.cfg.train)
         self.scaler = torch.amp.GradScaler(enabled=self.rt.autocast is torch.float16)

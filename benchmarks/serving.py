@@ -65,13 +65,13 @@ def latencies(fn, image, repeats: int) -> tuple[float, float]:
 def training_path(model, rt, cfg):
     if isinstance(model, TransferNet) and model.cut > 0:
         frozen, trained = fold_batchnorm(model.frozen_part()), model.trained_part()
-        frozen.to(memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+        frozen.to(memory_format=rt.memory_format)
 
         def run(x):
             return predict_logits(trained, predict_logits(frozen, x, rt, cfg.train.eval_batch_size), rt,
                                   cfg.train.eval_batch_size)
         return run
-    model.to(memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    model.to(memory_format=rt.memory_format)
     return lambda x: predict_logits(model, x, rt, cfg.train.eval_batch_size)
 
 

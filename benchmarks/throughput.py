@@ -32,7 +32,7 @@ from fmnist.train import Runtime, augment, make_optimizer, resolve_runtime, trai
 def timed(batches, model, rt: Runtime, steps: int, ours: bool, warmup: int = 5) -> float:
     """Images/s over `steps` optimizer steps, input pipeline included, after `warmup` steps."""
     model.train()
-    model.to(memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    model.to(memory_format=rt.memory_format)
     opt = make_optimizer(model, TrainConfig(lr=1e-3)) if ours else torch.optim.AdamW(model.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler(enabled=False)
     seen, it = 0, iter(batches)

@@ -33,7 +33,7 @@ def extraction_rate(frozen, images: torch.Tensor, rt: Runtime, batch: int) -> fl
 def step_seconds(trained, inputs: torch.Tensor, labels: torch.Tensor, rt: Runtime, steps: int, batch: int,
                  before=None) -> float:
     """Seconds per optimizer step of `trained`, with `before` (the frozen part) run on each batch when given."""
-    trained.train().to(memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    trained.train().to(memory_format=rt.memory_format)
     opt = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=1e-3)
     scaler = torch.amp.GradScaler(enabled=False)
     for i in range(steps + 2):  # two warm-up steps

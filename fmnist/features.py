@@ -168,7 +168,7 @@ def _alive(pid: int) -> bool:
 
 @torch.no_grad()
 def extract(frozen: nn.Module, images: torch.Tensor, rt: Runtime, batch_size: int, desc: str) -> torch.Tensor:
-    frozen.eval().to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    frozen.eval().to(rt.device, memory_format=rt.memory_format)
     out = []
     for i in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=None):
         with rt.autocast_ctx():

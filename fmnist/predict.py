@@ -97,7 +97,7 @@ class Classifier:
         bf16 = precision == "bf16" or (precision == "auto" and native_bf16())
         has_conv = any(p.dim() == 4 for p in network.parameters())  # an exported program has no Conv2d modules
         self.runtime = Runtime(torch.device("cpu"), torch.bfloat16 if bf16 else None, channels_last=bf16 and has_conv)
-        self.network = network.to(memory_format=torch.channels_last) if self.runtime.channels_last else network
+        self.network = network.to(memory_format=self.runtime.memory_format)
         self.classes, self.batch_size = classes, batch_size or batch_for(network)
 
     @classmethod

@@ -41,6 +41,10 @@ class Runtime:
     autocast: torch.dtype | None  # None: plain fp32
     channels_last: bool
 
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
     def autocast_ctx(self):
         return torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None)
 
@@ -236,7 +240,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, rt: Runtime, callback
     stays on the runtime's device and in its memory layout, where scoring it afterwards is fastest (the CNN in bf16
     scored 2.3x as many images a second in channels_last as in the standard layout, with the same predictions)."""
     generator = torch.Generator().manual_seed(cfg.seed)  # shuffling and augmentation, on the CPU
-    model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    model.to(rt.device, memory_format=rt.memory_format)
     targets = None if data.teacher is None else \
         distill_target(data.y_train, data.teacher.probabilities, cfg.distill).to(rt.device)  # once, not per step
     data = dataclasses.replace(data, x_train=data.x_train.to(rt.device), y_train=data.y_train.to(rt.device))
