@@ -197,5 +197,6 @@ def test_a_student_follows_its_teacher_as_far_as_its_share(tiny_data, share, fol
     teacher = fdata.Teacher("always-three", None, F.one_hot(threes, 10).float())
     data = dataclasses.replace(data, teacher=teacher, y_val=torch.full_like(data.y_val, 3))
     history = train(build_model("ann", widths=(32,)), data, small_cfg(epochs=8, distill=share))
-    says_three = history.best_val_accuracy
+    # The last epoch's, not the best: an early, barely trained epoch can say 3 often by chance (0.31 was seen once)
+    says_three = history.epochs[-1]["val_accuracy"]
     assert says_three > 0.9 if follows_teacher else says_three < 0.3
