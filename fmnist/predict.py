@@ -19,7 +19,7 @@ import torch
 from fmnist.data import CLASSES
 from fmnist.errors import InputError
 from fmnist.models.layers import fold_batchnorm
-from fmnist.train import Runtime, native_bf16
+from fmnist.train import Runtime, cpu_autocast, has_convolutions
 
 SIZE = 28
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -94,9 +94,9 @@ class Classifier:
 
     def __init__(self, network: torch.nn.Module, precision: str = "auto", classes: tuple[str, ...] = CLASSES,
                  batch_size: int | None = None):
-        bf16 = precision == "bf16" or (precision == "auto" and native_bf16())
-        has_conv = any(p.dim() == 4 for p in network.parameters())  # an exported program has no Conv2d modules
-        self.runtime = Runtime(torch.device("cpu"), torch.bfloat16 if bf16 else None, channels_last=bf16 and has_conv)
+        autocast = cpu_autocast(precision)  # the training's rule, so a model serves as it was trained
+        self.runtime = Runtime(torch.device("cpu"), autocast,
+                               channels_last=autocast is not None and has_convolutions(network))
         self.network = network.to(memory_format=self.runtime.memory_format)
         self.classes, self.batch_size = classes, batch_size or batch_for(network)
 

@@ -58,6 +58,16 @@ def native_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def cpu_autocast(precision: str) -> torch.dtype | None:
+    """bf16 when asked, or on auto where the CPU has it natively; else None (fp32). Training and serving share it."""
+    return torch.bfloat16 if precision == "bf16" or (precision == "auto" and native_bf16()) else None
+
+
+def has_convolutions(model: nn.Module) -> bool:
+    """4-d weights, so also for an exported program, which has no Conv2d modules: channels_last pays for these."""
+    return any(p.dim() == 4 for p in model.parameters())
+
+
 def resolve_runtime(cfg: TrainConfig, model: nn.Module | None = None) -> Runtime:
     """The device and precision to run on; also sets torch's thread count (train.threads), once."""
     if cfg.threads:
@@ -70,8 +80,8 @@ def resolve_runtime(cfg: TrainConfig, model: nn.Module | None = None) -> Runtime
         amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         dtype = None if cfg.precision == "fp32" else (torch.bfloat16 if cfg.precision == "bf16" else amp)
     else:
-        dtype = torch.bfloat16 if cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16()) else None
-    has_conv = model is not None and any(isinstance(m, nn.Conv2d) for m in model.modules())
+        dtype = cpu_autocast(cfg.precision)
+    has_conv = model is not None and has_convolutions(model)
     return Runtime(device, dtype, channels_last=has_conv and (dtype is not None or device.type == "cuda"))
 
 
