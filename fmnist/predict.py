@@ -30,7 +30,7 @@ def export_network(model: torch.nn.Module, example: np.ndarray) -> torch.export.
     """The model, batch norm folded, as a self-contained program taking uint8 (N, 28, 28) batches of any size."""
     batch = torch.export.Dim("batch", min=1)
     # The standard layout, whatever the training's (channels_last with bf16 or CUDA): the loading side chooses.
-    network = fold_batchnorm(model.cpu().eval()).to(memory_format=torch.contiguous_format)
+    network = fold_batchnorm(model).cpu().to(memory_format=torch.contiguous_format)
     return torch.export.export(network, (torch.from_numpy(example),), dynamic_shapes=({0: batch},))
 
 

@@ -26,6 +26,16 @@ def test_exported_network_matches_the_model_for_any_batch_size(cnn):
         torch.testing.assert_close(program(x), cnn(x), atol=1e-4, rtol=1e-4)
 
 
+def test_exporting_leaves_the_model_as_it_was():
+    torch.manual_seed(0)
+    model = build_model("cnn", widths=[8, 16]).train().to(memory_format=torch.channels_last)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_network(model, np.zeros((2, 28, 28), np.uint8))
+    assert model.training  # export works on a copy: the caller keeps its mode, weights, layout and device
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert next(p for p in model.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+
+
 def test_classifier_picks_its_precision_when_loaded(cnn):
     from fmnist.train import native_bf16
 
