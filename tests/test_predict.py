@@ -33,7 +33,8 @@ def test_exporting_leaves_the_model_as_it_was():
     export_network(model, np.zeros((2, 28, 28), np.uint8))
     assert model.training  # export works on a copy: the caller keeps its mode, weights, layout and device
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
-    assert next(p for p in model.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    hidden = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    assert hidden.is_contiguous(memory_format=torch.channels_last) and not hidden.is_contiguous()
 
 
 def test_classifier_picks_its_precision_when_loaded(cnn):
