@@ -31,7 +31,8 @@ def test_exporting_leaves_the_model_as_it_was():
     model = build_model("cnn", widths=[8, 16]).train().to(memory_format=torch.channels_last)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     export_network(model, np.zeros((2, 28, 28), np.uint8))
-    assert model.training  # export folds a copy: the caller keeps its mode, weights and layout (and its device)
+    assert model.training  # export folds a copy: the caller keeps its mode, weights and layout
+    # (and its device: tests/test_cuda.py checks that where a GPU is)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     hidden = next(m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
     assert hidden.is_contiguous(memory_format=torch.channels_last) and not hidden.is_contiguous()
